@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Fail when notebooks, their py:percent pairs, the exported package, cleaned metadata or README disagree.
+Works on a scratch copy, so it never touches the working tree."""
+import sys, shutil, subprocess, tempfile, filecmp
+from pathlib import Path
+import jupytext
+
+root = Path(__file__).resolve().parents[1]
+bin_dir = Path(sys.executable).parent
+problems = []
+
+# 1. every notebook has an up-to-date py:percent twin
+for nb in sorted((root/'nbs').rglob('*.ipynb')):
+    if '.ipynb_checkpoints' in nb.parts: continue
+    py = nb.with_suffix('.py')
+    if not py.exists(): problems.append(f'{nb.relative_to(root)} has no paired {py.name}'); continue
+    want = jupytext.writes(jupytext.read(nb), fmt='py:percent')
+    if want.strip() != py.read_text().strip(): problems.append(f'{py.relative_to(root)} differs from its notebook (jupytext --sync)')
+
+# 2. nbdev_export and nbdev_clean on a scratch copy must change nothing
+with tempfile.TemporaryDirectory() as d:
+    d = Path(d)
+    for p in ('settings.ini', 'setup.py', 'pyproject.toml', 'nbs', 'dermnb'):
+        src = root/p
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, d/p)
+    for cmd in ('nbdev_export', 'nbdev_clean'):
+        r = subprocess.run([str(bin_dir/cmd)], cwd=d, capture_output=True, text=True)
+        if r.returncode: problems.append(f'{cmd} failed: {r.stderr[-500:]}')
+    for sub in ('dermnb', 'nbs'):
+        for f in sorted((d/sub).rglob('*')):
+            if f.is_dir() or '__pycache__' in f.parts or '.ipynb_checkpoints' in f.parts: continue
+            orig = root/f.relative_to(d)
+            if not orig.exists() or not filecmp.cmp(f, orig, shallow=False):
+                hint = 'run nbdev_export' if sub == 'dermnb' else 'run nbdev_clean'
+                problems.append(f'{f.relative_to(d)} changes under {hint} (make sync)')
+
+# 3. README.md is generated from nbs/index.ipynb
+r = subprocess.run([sys.executable, str(root/'.ci'/'make_readme.py'), '--check'], capture_output=True, text=True)
+if r.returncode: problems.append(r.stderr.strip() or 'README.md out of date')
+
+if problems:
+    print('Out of sync:\n  ' + '\n  '.join(problems)); sys.exit(1)
+print('check_sync: notebooks, pairs, package and README agree')
