@@ -16,13 +16,17 @@ console_scripts = cfg.get('console_scripts', '').split()
 
 setuptools.setup(
     name=cfg['lib_name'],
-    license=cfg['license'],
+    license='Apache-2.0',
     version=cfg['version'],
     description=cfg['description'],
     author=cfg['author'],
     author_email=cfg['author_email'],
     keywords=cfg['keywords'].split(),
     url=cfg.get('git_url', ''),
+    project_urls={'Source': cfg.get('git_url', '')},
+    classifiers=['Programming Language :: Python :: 3', 'Intended Audience :: Science/Research',
+                 'License :: OSI Approved :: Apache Software License', 'Topic :: Scientific/Engineering :: Medical Science Apps.'],
+    scripts=[],
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,
     install_requires=requirements,

@@ -9,13 +9,24 @@ root = Path(__file__).resolve().parents[1]
 bin_dir = Path(sys.executable).parent
 problems = []
 
+def cells(path):
+    "Cell types, sources and tags: what a pair must agree on (outputs and other metadata are the notebook's own)."
+    nb = jupytext.read(path)
+    return [(c.cell_type, c.source.strip(), tuple(c.metadata.get('tags', ()))) for c in nb.cells]
+
 # 1. every notebook has an up-to-date py:percent twin
 for nb in sorted((root/'nbs').rglob('*.ipynb')):
     if '.ipynb_checkpoints' in nb.parts: continue
     py = nb.with_suffix('.py')
     if not py.exists(): problems.append(f'{nb.relative_to(root)} has no paired {py.name}'); continue
-    want = jupytext.writes(jupytext.read(nb), fmt='py:percent')
-    if want.strip() != py.read_text().strip(): problems.append(f'{py.relative_to(root)} differs from its notebook (jupytext --sync)')
+    if cells(nb) != cells(py): problems.append(f'{py.relative_to(root)} differs from its notebook (jupytext --sync)')
+
+# 1b. every figure notebook has one papermill parameters cell with the runner's parameters
+for nb in sorted((root/'nbs'/'figures').glob('*.ipynb')):
+    params = [src for t, src, tags in cells(nb) if 'parameters' in tags]
+    need = ('profile', 'data_root', 'seed', 'device', 'out_dir')
+    if len(params) != 1 or not all(f'{k} =' in params[0] for k in need):
+        problems.append(f'{nb.relative_to(root)} needs one cell tagged "parameters" defining {", ".join(need)}')
 
 # 2. nbdev_export and nbdev_clean on a scratch copy must change nothing
 with tempfile.TemporaryDirectory() as d:

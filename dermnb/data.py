@@ -19,7 +19,8 @@ from .core import (DataError, data_root, load_image, load_mask, stable_hash, cac
 __all__ = ['LABELS', 'LAYOUTS', 'DATASETS', 'ISIC2019_MAP', 'PH2_MAP', 'DERM7PT_CRITERIA', 'LOADERS', 'SPLIT_FRACS', 'Record',
            'Records', 'load_isic2017', 'load_isic2019_labels', 'load_enhance', 'load_isic2018_task1', 'load_isic2019',
            'load_ph2_table', 'load_ph2', 'derm7pt_label', 'load_derm7pt', 'load_records', 'check_record',
-           'verify_records', 'make_splits', 'split_file', 'get_split', 'fit_square', 'DermDataset', 'data_summary']
+           'verify_records', 'make_splits', 'split_file', 'get_split', 'fit_square', 'DermDataset', 'data_summary',
+           'records_frame']
 
 # %% ../nbs/01_data.ipynb #4d7b61f6
 LABELS = ['melanoma', 'nevus', 'basal_cell_carcinoma', 'actinic_keratosis', 'benign_keratosis',
@@ -455,3 +456,23 @@ def data_summary(root:str|Path|None=None, # data root; default $DERMNB_DATA
                           'ph2': int(en.index.str.startswith('IMD').sum()), 'raters': 3}
     except DataError as e: out['enhance'] = {'images': 0, 'error': str(e)}
     return {k: out[k] for k in DATASETS}
+
+# %% ../nbs/01_data.ipynb #84c907d7
+def records_frame(records:Sequence[Record], # records (any mix of datasets)
+                  sizes:bool=True, # read image width/height from the file headers
+                  mask_fraction:bool=False # decode masks and add the lesion area fraction
+                 )->pd.DataFrame:
+    "One row per record: id, source, diagnosis, split, concepts, size and mask fraction."
+    rows = []
+    for r in records:
+        row = {'id': r.id, 'source': r.source, 'diagnosis': r.diagnosis or 'unlabelled', 'diagnosis_orig': r.diagnosis_orig,
+               'split': r.meta.get('split'), 'has_mask': r.mask is not None,
+               **{f'meta_{k}': v for k, v in r.meta.items() if k != 'split'},
+               **{f'concept_{k}': (', '.join(v) if isinstance(v, list) else v) for k, v in r.concepts.items()}}
+        if sizes:
+            try:
+                with Image.open(r.image) as im: row['width'], row['height'] = im.size
+            except OSError as e: raise DataError(f"{r.image}: unreadable image header ({e})") from e
+        if mask_fraction and r.mask is not None: row['mask_fraction'] = float(load_mask(r.mask).mean())
+        rows.append(row)
+    return pd.DataFrame(rows)

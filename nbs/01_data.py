@@ -709,3 +709,38 @@ test_eq((s['isic2018_task1']['masks'], s['ph2']['masks']), (2294, 200))
 test_eq(s['isic2017']['with_isic2018_task1_image'], 1610)
 test_eq(sum(s['isic2019']['splits'].values()), 5984)
 assert json.loads(json.dumps(s)) == s          # plain JSON, for `dermnb data summary --json`
+
+
+# %% [markdown]
+# ## Records as a table
+#
+# For statistics and plots, `records_frame` flattens records into a DataFrame: one row per image with its diagnosis,
+# split, concepts, image size (read from the file header, without decoding) and, for datasets with masks, the lesion's
+# share of the image.
+
+# %%
+#| export
+def records_frame(records:Sequence[Record], # records (any mix of datasets)
+                  sizes:bool=True, # read image width/height from the file headers
+                  mask_fraction:bool=False # decode masks and add the lesion area fraction
+                 )->pd.DataFrame:
+    "One row per record: id, source, diagnosis, split, concepts, size and mask fraction."
+    rows = []
+    for r in records:
+        row = {'id': r.id, 'source': r.source, 'diagnosis': r.diagnosis or 'unlabelled', 'diagnosis_orig': r.diagnosis_orig,
+               'split': r.meta.get('split'), 'has_mask': r.mask is not None,
+               **{f'meta_{k}': v for k, v in r.meta.items() if k != 'split'},
+               **{f'concept_{k}': (', '.join(v) if isinstance(v, list) else v) for k, v in r.concepts.items()}}
+        if sizes:
+            try:
+                with Image.open(r.image) as im: row['width'], row['height'] = im.size
+            except OSError as e: raise DataError(f"{r.image}: unreadable image header ({e})") from e
+        if mask_fraction and r.mask is not None: row['mask_fraction'] = float(load_mask(r.mask).mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# %%
+fr = records_frame(ph2[:5], mask_fraction=True)
+test_eq(fr[['width', 'height']].values.tolist(), [[256, 192]]*5)
+assert fr.mask_fraction.between(0, 1).all() and 'concept_streaks' in fr

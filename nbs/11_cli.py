@@ -1,0 +1,130 @@
+# %% [markdown]
+# # Command line
+#
+# > `dermnb data summary`, `dermnb figures`, `dermnb eval ...`: thin commands over the notebooks' functions.
+
+# %%
+#| default_exp cli
+
+# %%
+#| export
+from __future__ import annotations
+import sys, os, json, argparse
+from pathlib import Path
+from dermnb.core import DermnbError, PROFILES
+
+# %%
+from fastcore.test import test_eq, test_fail
+import io, contextlib
+
+
+# %% [markdown]
+# ## Data summary
+#
+# `dermnb data summary` prints the counts per dataset and split and the label and concept distributions; `--json`
+# prints one JSON object keyed by dataset, for scripts and CI. A dataset that cannot be read is reported with the
+# expected layout (on stderr and in its `error` field), and the exit status is 1.
+
+# %%
+#| export
+def _fmt_counts(d:dict, width:int=78)->str:
+    "Render a {value: count} dict on wrapped lines."
+    items = ', '.join(f'{k} {v}' if not isinstance(v, dict) else f"{k} ({', '.join(f'{a}={b}' for a, b in v.items())})" for k, v in d.items())
+    import textwrap
+    return textwrap.fill(items, width, initial_indent='    ', subsequent_indent='    ')
+
+def cmd_data_summary(args)->int:
+    "Print dataset counts, splits, labels and concepts."
+    from dermnb.data import data_summary
+    s = data_summary(args.root, args.seed)
+    errors = {k: v['error'] for k, v in s.items() if 'error' in v}
+    for k, e in errors.items(): print(f'dermnb: {k}: {e}', file=sys.stderr)
+    if args.json: print(json.dumps(s, indent=2)); return 1 if errors else 0
+    for name, v in s.items():
+        head = f"{name}: {v['images']} images" + (f", {v['masks']} masks" if 'masks' in v else '')
+        if v.get('skipped'): head += f", {v['skipped']} skipped"
+        print(head)
+        if 'error' in v: print(f"    error: {v['error']}"); continue
+        if 'splits' in v: print('  splits:', ', '.join(f'{k} {n}' for k, n in v['splits'].items()))
+        if 'diagnosis' in v: print('  diagnosis:'); print(_fmt_counts(v['diagnosis']))
+        for c, counts in v.get('concepts', {}).items(): print(f'  concept {c}:'); print(_fmt_counts(counts))
+        for k in ('with_isic2018_task1_image', 'isic', 'ph2', 'raters'):
+            if k in v: print(f'  {k}: {v[k]}')
+    return 1 if errors else 0
+
+
+# %% [markdown]
+# ## Figures
+#
+# `dermnb figures [NAME ...] --profile quick|full` runs the paper-figure notebooks through papermill and updates
+# `figures/README.md`. A failing notebook makes the exit status non-zero, names the notebook and cell, and the other
+# figures still run.
+
+# %%
+#| export
+def cmd_figures(args)->int:
+    "Run paper-figure notebooks and report failures."
+    from dermnb.runner import run_figures, figure_notebooks
+    if args.list:
+        for n, p in figure_notebooks().items(): print(f'{n}\t{p}')
+        return 0
+    res = run_figures(args.names or None, args.profile, args.out, args.root, args.seed, args.device, progress=not args.quiet)
+    bad = [r for r in res if r['status'] != 'ok']
+    print(f"figures: {len(res) - len(bad)} ok, {len(bad)} failed; index: {Path(args.out)/'README.md'}")
+    for r in bad: print(f"FAILED {r['name']}: {r['error']}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+# %% [markdown]
+# ## The parser
+#
+# Every subcommand is one function taking the parsed arguments. `main` turns the errors users can cause
+# (`DermnbError`: bad data, absent weights, unknown names) into one line on stderr and exit status 2, instead of a
+# traceback.
+
+# %%
+#| export
+def build_parser()->argparse.ArgumentParser:
+    "The `dermnb` argument parser with all subcommands."
+    p = argparse.ArgumentParser(prog='dermnb', description='Diffusion models for dermoscopy: data, figures, evaluation.')
+    sub = p.add_subparsers(dest='cmd', required=True)
+
+    data = sub.add_parser('data', help='dataset utilities').add_subparsers(dest='data_cmd', required=True)
+    s = data.add_parser('summary', help='counts per dataset and split, label and concept distributions')
+    s.add_argument('--root', help='data root (default $DERMNB_DATA)'); s.add_argument('--seed', type=int, default=0)
+    s.add_argument('--json', action='store_true', help='print one JSON object keyed by dataset')
+    s.set_defaults(fn=cmd_data_summary)
+
+    f = sub.add_parser('figures', help='run the paper-figure notebooks with papermill')
+    f.add_argument('names', nargs='*', help='figure names (default: all)')
+    f.add_argument('--profile', choices=sorted(PROFILES), default='quick')
+    f.add_argument('--out', default='figures', help='output folder (default figures/)')
+    f.add_argument('--root', help='data root (default $DERMNB_DATA)'); f.add_argument('--seed', type=int, default=0)
+    f.add_argument('--device', default='auto', help="'auto', 'cpu' or 'cuda'")
+    f.add_argument('--list', action='store_true', help='list the figure notebooks and exit')
+    f.add_argument('--quiet', action='store_true', help='no per-cell progress bars')
+    f.set_defaults(fn=cmd_figures)
+    return p
+
+def main(argv:list|None=None # arguments (default sys.argv[1:])
+        )->int:
+    "Entry point of the `dermnb` command."
+    args = build_parser().parse_args(argv)
+    try: return args.fn(args)
+    except DermnbError as e:
+        print(f'dermnb: error: {e}', file=sys.stderr); return 2
+
+
+# %%
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out): rc = main(['data', 'summary', '--json'])
+s = json.loads(out.getvalue())
+test_eq(rc, 0)
+test_eq({k: s[k]['images'] for k in ('isic2018_task1', 'ph2', 'derm7pt', 'isic2019')},
+        {'isic2018_task1': 2294, 'ph2': 200, 'derm7pt': 1010, 'isic2019': 5984})
+test_eq((s['isic2018_task1']['masks'], s['ph2']['masks']), (2294, 200))
+with contextlib.redirect_stderr(err): rc = main(['data', 'summary', '--root', '/no/such/root'])
+test_eq(rc, 2); assert '/no/such/root' in err.getvalue()
+out = io.StringIO()
+with contextlib.redirect_stdout(out): main(['data', 'summary'])
+assert 'isic2018_task1: 2294 images, 2294 masks' in out.getvalue()

@@ -1,0 +1,37 @@
+"The installed `dermnb` command, run as a user would."
+import json, subprocess, sys, os
+from pathlib import Path
+
+BIN = Path(sys.executable).parent/'dermnb'
+
+def run(*args, env=None):
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+def test_data_summary_json_counts(data_root):
+    r = run('data', 'summary', '--json', '--root', str(data_root))
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert set(s) == {'isic2018_task1', 'isic2017', 'isic2019', 'ph2', 'derm7pt', 'enhance'}
+    assert (s['isic2018_task1']['images'], s['isic2018_task1']['masks']) == (2294, 2294)
+    assert (s['ph2']['images'], s['ph2']['masks']) == (200, 200)
+    assert s['derm7pt']['images'] == 1010 and s['isic2019']['images'] == 5984
+    assert all('images' in v for v in s.values())
+
+def test_data_summary_text(data_root):
+    r = run('data', 'summary', '--root', str(data_root))
+    assert r.returncode == 0 and 'ph2: 200 images, 200 masks' in r.stdout and 'concept streaks' in r.stdout
+
+def test_bad_root_is_one_clear_line(tmp_path):
+    r = run('data', 'summary', '--json', '--root', str(tmp_path/'missing'))
+    assert r.returncode == 2 and 'missing' in r.stderr and 'Traceback' not in r.stderr
+
+def test_wrong_layout_shows_expected(tmp_path, data_root):
+    (tmp_path/'isic2018_task1').mkdir()
+    r = run('data', 'summary', '--json', '--root', str(tmp_path))
+    s = json.loads(r.stdout)
+    assert r.returncode == 1 and 'ISIC2018_Task1-2_Training_Input' in r.stderr
+    assert s['isic2018_task1']['images'] == 0 and 'ISIC2018_Task1-2_Training_Input' in s['isic2018_task1']['error']
+
+def test_unknown_figure(data_root):
+    r = run('figures', 'no_such_figure')
+    assert r.returncode == 2 and 'no_such_figure' in r.stderr and 'data_overview' in r.stderr
