@@ -25,7 +25,7 @@ setuptools.setup(
     url=cfg.get('git_url', ''),
     project_urls={'Source': cfg.get('git_url', '')},
     classifiers=['Programming Language :: Python :: 3', 'Intended Audience :: Science/Research',
-                 'License :: OSI Approved :: Apache Software License', 'Topic :: Scientific/Engineering :: Medical Science Apps.'],
+'Topic :: Scientific/Engineering :: Medical Science Apps.'],
     scripts=[],
     packages=setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data=True,

@@ -109,6 +109,7 @@ def atomic_write(path:str|Path, # final file path
     "Context manager yielding a file handle whose content replaces `path` only on success."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    umask = os.umask(0); os.umask(umask); os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would stick after the rename
     try:
         with os.fdopen(fd, mode) as f:
             yield f

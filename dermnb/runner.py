@@ -105,7 +105,7 @@ def run_figure(name:str, # figure name (notebook stem)
     runtime = time.time() - t0
     big = Path(tmp).exists() and Path(tmp).stat().st_size > MAX_NOTEBOOK_BYTES
     for stale in (out/f'{name}.ipynb', out/f'_executed_{name}.ipynb'): stale.unlink(missing_ok=True)
-    if Path(tmp).exists(): os.replace(tmp, out/(f'_executed_{name}.ipynb' if big else f'{name}.ipynb'))
+    if Path(tmp).exists(): os.chmod(tmp, 0o644); os.replace(tmp, out/(f'_executed_{name}.ipynb' if big else f'{name}.ipynb'))
     return {'name': name, 'status': 'failed' if err else 'ok', 'profile': profile, 'seed': seed, 'device': device,
             'runtime_s': round(runtime, 1), 'commit': git_commit(), 'error': err,
             'finished': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),

@@ -189,6 +189,7 @@ def atomic_write(path:str|Path, # final file path
     "Context manager yielding a file handle whose content replaces `path` only on success."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    umask = os.umask(0); os.umask(umask); os.chmod(tmp, 0o666 & ~umask)   # mkstemp's 0600 would stick after the rename
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -226,6 +227,7 @@ with tempfile.TemporaryDirectory() as d:
         with atomic_write(p, 'w') as f: f.write('half'); raise RuntimeError('crash')
     test_fail(_boom, contains='crash')
     test_eq(p.read_text(), 'good')                  # the old content survived the crash
+    test_eq(oct(p.stat().st_mode & 0o044), oct(0o044))   # readable like any other file
     test_eq(sorted(x.name for x in Path(d).iterdir()), ['a.txt'])  # no temp files left
     save_json({'x': Path('y')}, Path(d)/'b.json'); test_eq(json.loads((Path(d)/'b.json').read_text()), {'x':'y'})
     atomic_save(Path(d)/'t.pt', lambda t: torch.save({'w':1}, t)); test_eq(torch.load(Path(d)/'t.pt')['w'], 1)
