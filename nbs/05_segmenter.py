@@ -95,7 +95,7 @@ def dense_crf(image, # HxWx3 uint8 array or PIL image
     "Refine a lesion probability map with a fully connected CRF; returns the refined probability (H, W)."
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_softmax
-    img = np.ascontiguousarray(np.asarray(image, dtype=np.uint8)[..., :3])
+    img = np.array(np.asarray(image, dtype=np.uint8)[..., :3], order='C')   # a writable copy: pydensecrf needs one
     h, w = prob.shape
     if img.shape[:2] != (h, w): raise DataError(f"dense_crf: image {img.shape[:2]} and probability map {(h, w)} differ in size")
     p = np.clip(prob.astype(np.float32), 1e-5, 1 - 1e-5)

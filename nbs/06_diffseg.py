@@ -1,0 +1,279 @@
+# %% [markdown]
+# # DiffSeg
+#
+# > Weakly supervised lesion segmentation from the difference of noise predictions under "lesion" and "healthy skin",
+# > with multiple outputs across noise steps and seeds, consistency/ambiguity maps, GED uncertainty and DenseCRF.
+#
+# Seed paper: *DiffSeg: A Segmentation Model for Skin Lesions Based on Diffusion Difference* (ISIC 2018).
+# Everything generic comes from the backbone (`dermnb.diffusion`: the model, noising, batched multi-condition noise
+# prediction), the metrics (`dermnb.metrics`: Dice/IoU, GED) and the segmenter notebook (Otsu, DenseCRF, U-Net).
+# This notebook adds only what is new in the paper.
+
+# %%
+#| default_exp diffseg
+
+# %%
+#| export
+from __future__ import annotations
+import math, time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+import numpy as np
+import pandas as pd
+import torch, torch.nn.functional as F
+from PIL import Image
+from skimage.filters import threshold_otsu, gaussian
+from dermnb.core import Config, DataError, get_device, make_generator, load_image, seed_everything, get_profile
+from dermnb.data import Record, get_split, fit_square
+from dermnb.diffusion import Backbone, predict_noise_multi
+from dermnb.metrics import ged_terms, seg_metrics
+from dermnb.segmenter import dense_crf, CRFParams
+
+# %%
+from fastcore.test import test_eq, test_close, test_fail
+import tempfile
+from dermnb.core import data_root, load_mask
+from dermnb.diffusion import make_unet, make_scheduler
+ROOT = data_root()
+torch.set_num_threads(2)
+
+
+# %% [markdown]
+# ## Weak supervision: lesion images and healthy-skin border crops
+#
+# DiffSeg's diffusion model learns two semantics from image-level information only. **Lesion skin**: whole dermoscopic
+# images (every ISIC image shows a lesion). **Healthy skin**: crops from the image corners, which are mostly skin
+# because dermoscopic images centre the lesion. No pixel mask is read to build either set. Dermatoscopes darken the
+# corners (vignetting), so a corner crop with many near-black pixels is dropped; that rule looks at the image alone.
+#
+# *What the masks of the training split are used for*: only to choose two scalars after training, the binarisation
+# threshold and the DenseCRF parameters (as the paper chooses its hyperparameters on training data). The U-Net
+# baseline, by contrast, trains on the masks.
+
+# %%
+#| export
+def corner_crops(img:Image.Image, # RGB dermoscopic image
+                 frac:float=.25, # crop side as a fraction of the short image side
+                 max_dark:float=.2 # drop crops with more than this share of near-black pixels (vignette)
+                )->list:
+    "Healthy-skin candidates: the four corner crops of a dermoscopic image, minus dark vignette corners."
+    w, h = img.size; s = max(8, int(min(w, h) * frac))
+    boxes = [(0, 0), (w - s, 0), (0, h - s), (w - s, h - s)]
+    crops = [img.crop((x, y, x + s, y + s)) for x, y in boxes]
+    return [c for c in crops if (np.asarray(c.convert('L')) < 40).mean() <= max_dark]
+
+
+# %%
+recs = get_split('isic2018_task1', 'train', ROOT)
+cc = corner_crops(load_image(recs[0].image))
+assert 1 <= len(cc) <= 4 and cc[0].size == (48, 48)
+# how healthy are the corner crops really? (masks read here only to document the weak labels' noise)
+lesion_share = []
+for r in recs[:100]:
+    m = load_mask(r.mask); s = int(min(m.shape) * .25); H, W = m.shape
+    lesion_share += [m[y:y+s, x:x+s].mean() for y, x in [(0, 0), (0, W-s), (H-s, 0), (H-s, W-s)]]
+print(f'corner crops with <5% lesion pixels: {np.mean(np.array(lesion_share) < .05):.0%}')
+assert np.mean(np.array(lesion_share) < .05) > .8
+
+# %%
+#| export
+LESION, HEALTHY = 1, 0
+CLASS_NAMES = {HEALTHY: 'healthy skin', LESION: 'skin lesion'}
+
+class WeakSkinDataset(torch.utils.data.Dataset):
+    "Image-level weak labels: whole images = lesion (1), corner crops = healthy skin (0); no masks."
+    def __init__(self, records:Sequence[Record], # dermoscopic images (any dataset)
+                 size:int=64, # model input side
+                 crops_per_image:int=1 # healthy crops kept per image (balances the two classes)
+                ):
+        self.items, self.size = [], size
+        for r in records:
+            img = load_image(r.image)
+            self.items.append((self._tensor(fit_square(img, size, 'squash')), LESION))
+            for c in corner_crops(img)[:crops_per_image]: self.items.append((self._tensor(c.resize((size, size), Image.BICUBIC)), HEALTHY))
+
+    @staticmethod
+    def _tensor(im): return torch.from_numpy(np.asarray(im, np.float32)).permute(2, 0, 1) / 127.5 - 1
+    def __len__(self): return len(self.items)
+    def __getitem__(self, i):
+        x, y = self.items[i]
+        if torch.rand(()) < .5: x = x.flip(2)        # flips keep both semantics
+        return {'image': x, 'label': y, 'caption': CLASS_NAMES[y]}
+
+
+# %%
+wds = WeakSkinDataset(recs[:6], size=32)
+labels = [wds[i]['label'] for i in range(len(wds))]
+test_eq(labels.count(LESION), 6); assert 3 <= labels.count(HEALTHY) <= 6
+test_eq(wds[0]['image'].shape, (3, 32, 32)); assert 'mask' not in wds[0]
+
+
+# %% [markdown]
+# ## The diffusion difference
+#
+# Noise the image to step t, predict the noise under both semantics **on the same x_t** (one batched call of the
+# backbone's `predict_noise_multi`), and take the channel-mean absolute difference. Where the image is healthy skin
+# both conditions explain it alike; where it is a lesion, the "healthy skin" prediction tries to remove it, so the
+# two predictions differ. Each map is smoothed lightly and min-max normalised to [0, 1]: that is the lesion evidence.
+#
+# All (t, seed) pairs of a batch of images go into as few UNet calls as `max_batch` allows: the K = |t|·|seeds|
+# noisy versions of B images are stacked into one batch of K·B, and both conditions double it inside one call.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class DiffSegConfig(Config):
+    "DiffSeg inference settings (the paper: t from 60 to 150 of 1000 steps, several noise draws)."
+    timesteps:tuple=(60, 90, 120, 150) # noise steps of the multiple outputs
+    seeds:tuple=(0, 1)                 # noise draws per step
+    sigma:float=1.0                    # Gaussian smoothing of each map, in model pixels
+    threshold:float|None=None          # fixed threshold on normalised maps (chosen on the training split); None = Otsu per map
+    crf:CRFParams=CRFParams()          # DenseCRF parameters (chosen on the training split)
+    max_batch:int=256                  # noisy images per UNet call (x2 for the two conditions)
+
+def _noised(bb:Backbone, z0:torch.Tensor, timesteps, seeds)->tuple:
+    "All (t, seed) noisings of z0, stacked (K*B, ...), with their timesteps."
+    xs, ts = [], []
+    for t in timesteps:
+        for s in seeds:
+            noise = torch.randn(z0.shape, generator=make_generator(s), dtype=z0.dtype).to(z0.device)
+            xs.append(bb.scheduler.add_noise(z0, noise, torch.full((z0.shape[0],), t, dtype=torch.long)))
+            ts.append(torch.full((z0.shape[0],), t, dtype=torch.long))
+    return torch.cat(xs), torch.cat(ts).to(z0.device)
+
+@torch.no_grad()
+def diffusion_difference(bb:Backbone, # trained backbone knowing both semantics
+                         images:torch.Tensor, # (B, 3, S, S) in [-1, 1] at the backbone's image size
+                         cfg:DiffSegConfig=DiffSegConfig(), # steps, seeds, smoothing, batching
+                         conds:tuple|None=None # (lesion, healthy) conditions; default the class labels / captions
+                        )->torch.Tensor:
+    "Normalised difference maps (B, K, S, S) for the K = |timesteps|·|seeds| outputs, in [0, 1]."
+    B = images.shape[0]
+    z0 = bb.encode(images.to(bb.device))
+    lesion, healthy = conds or (bb.cond([LESION]) if bb.kind == 'class' else bb.cond([CLASS_NAMES[LESION]]),
+                                bb.cond([HEALTHY]) if bb.kind == 'class' else bb.cond([CLASS_NAMES[HEALTHY]]))
+    x, t = _noised(bb, z0, cfg.timesteps, cfg.seeds)
+    outs = []
+    for i in range(0, len(x), cfg.max_batch):
+        e = predict_noise_multi(bb.unet, x[i:i + cfg.max_batch], t[i:i + cfg.max_batch], [lesion, healthy])
+        outs.append((e[0] - e[1]).abs().mean(1))
+    d = torch.cat(outs).view(-1, B, *outs[0].shape[-2:]).transpose(0, 1)        # (B, K, h, w)
+    if d.shape[-1] != images.shape[-1]: d = F.interpolate(d, size=images.shape[-2:], mode='bilinear', align_corners=False)
+    d = d.cpu().numpy()
+    if cfg.sigma: d = np.stack([[gaussian(m, cfg.sigma) for m in row] for row in d])
+    lo, hi = d.min((2, 3), keepdims=True), d.max((2, 3), keepdims=True)
+    return torch.from_numpy((d - lo) / np.maximum(hi - lo, 1e-8)).float()
+
+
+# %% [markdown]
+# A test backbone, untrained but class-conditional, shows the shapes, the batching and the determinism. With one
+# call per `max_batch` chunk the result does not depend on the chunking.
+
+# %%
+tiny_bb = Backbone(make_unet('class', sample_size=16, block_out_channels=(16, 32), num_classes=2, head_dim=8),
+                   make_scheduler(), num_classes=2, image_size=16)
+x16 = torch.rand(3, 3, 16, 16) * 2 - 1
+cfg_t = DiffSegConfig(timesteps=(60, 150), seeds=(0, 1, 2))
+d1 = diffusion_difference(tiny_bb, x16, cfg_t)
+test_eq(d1.shape, (3, 6, 16, 16)); test_close(d1.amax((2, 3)), torch.ones(3, 6))
+test_close(d1, diffusion_difference(tiny_bb, x16, cfg_t.replace(max_batch=4)), eps=1e-5)   # chunking-invariant
+assert torch.equal(d1, diffusion_difference(tiny_bb, x16, cfg_t))                           # seeded noise: deterministic
+
+
+# %% [markdown]
+# ## Multiple outputs, consistency and ambiguity
+#
+# Each (t, seed) map binarised is one output, like one annotator. Their pixel-wise vote `p` gives the **consistent
+# lesion** (all outputs say lesion, p = 1), **consistent skin** (p = 0) and the **ambiguous** region (0 < p < 1), with
+# ambiguity strength 4p(1 − p) (1 where the outputs split evenly). The per-image **uncertainty** is the diversity term
+# of the GED among the outputs, E[d(S, S')] with d = 1 − IoU (the toolkit's `ged_terms`): it needs no ground truth.
+# Against a ground truth the full GED is reported too.
+
+# %%
+#| export
+def binarize_maps(maps:np.ndarray, # normalised maps (..., H, W) in [0, 1]
+                  threshold:float|None=None # fixed threshold; None = Otsu per map
+                 )->np.ndarray:
+    "Binary outputs from difference maps (Otsu per map unless a threshold is given)."
+    flat = maps.reshape(-1, *maps.shape[-2:])
+    out = np.stack([m > (threshold if threshold is not None else (threshold_otsu(m) if m.max() > m.min() else 1.)) for m in flat])
+    return out.reshape(maps.shape)
+
+def consistency_maps(outputs:np.ndarray # binary outputs (K, H, W) of one image
+                    )->dict:
+    "Vote fraction, consistent lesion/skin masks and ambiguity (4p(1-p)) of K binary outputs."
+    p = outputs.mean(0)
+    return {'vote': p, 'consistent_lesion': p == 1, 'consistent_skin': p == 0, 'ambiguous': (p > 0) & (p < 1),
+            'ambiguity': 4 * p * (1 - p)}
+
+def output_uncertainty(outputs:np.ndarray # binary outputs (K, H, W) of one image
+                      )->float:
+    "Diversity of the outputs, E[d(S,S')] with d = 1 - IoU (the sample term of GED)."
+    return ged_terms(outputs, outputs[:1])['d_ss']
+
+
+# %%
+o = np.zeros((4, 8, 8), bool); o[:, 2:6, 2:6] = True; o[0, 0, 0] = True; o[1, 6, 6] = True
+c = consistency_maps(o)
+test_eq(c['consistent_lesion'].sum(), 16); test_eq(c['ambiguous'].sum(), 2); test_close(c['ambiguity'][0, 0], .75)
+test_eq(output_uncertainty(np.repeat(o[2:3], 4, 0)), 0.)                 # identical outputs: no uncertainty
+assert output_uncertainty(o) > 0
+test_eq(binarize_maps(np.array([[[0., .2], [.9, 1.]]]), .5).tolist(), [[[False, False], [True, True]]])
+
+
+# %% [markdown]
+# ## Segmenting images of any size
+#
+# `DiffSeg.segment` runs the whole method on PIL images of any size and mode: squash to the model's input (the
+# training fit), compute the K maps, resize them back to the image, binarise each (the outputs), fuse them by the
+# mean map (thresholded like each output), and refine the mean map with DenseCRF. It returns everything a figure or
+# the CLI needs, per image.
+
+# %%
+#| export
+class DiffSeg:
+    "DiffSeg on a trained backbone: multiple outputs, fused mask, CRF refinement and uncertainty."
+    def __init__(self, bb:Backbone, # backbone that knows 'lesion' and 'healthy skin'
+                 cfg:DiffSegConfig=DiffSegConfig() # inference settings
+                ): self.bb, self.cfg = bb, cfg
+
+    def maps(self, images:Sequence[Image.Image], batch_size:int=16)->list:
+        "K normalised difference maps per image, at each image's own size."
+        S, out = self.bb.image_size, []
+        for i in range(0, len(images), batch_size):
+            chunk = [im.convert('RGB') for im in images[i:i + batch_size]]
+            x = torch.stack([WeakSkinDataset._tensor(fit_square(im, S, 'squash')) for im in chunk])
+            d = diffusion_difference(self.bb, x, self.cfg).numpy()
+            out += [np.stack([np.asarray(Image.fromarray(m).resize(im.size, Image.BILINEAR)) for m in row]) for row, im in zip(d, chunk)]
+        return out
+
+    def segment(self, images:Sequence, # PIL images or paths
+                crf:bool=True, # also compute the DenseCRF-refined mask
+                batch_size:int=16 # images per backbone batch
+               )->list:
+        "Per image: outputs (K,H,W), mean map, fused mask, CRF mask, consistency maps and uncertainty."
+        ims = [load_image(i) if isinstance(i, (str, Path)) else i.convert('RGB') for i in images]
+        res = []
+        for im, maps in zip(ims, self.maps(ims, batch_size)):
+            outs = binarize_maps(maps, self.cfg.threshold)
+            mean = maps.mean(0)
+            fused = binarize_maps(mean[None], self.cfg.threshold)[0]
+            r = {'outputs': outs, 'mean_map': mean, 'mask': fused, 'uncertainty': output_uncertainty(outs),
+                 **consistency_maps(outs)}
+            if crf: r['crf_mask'] = dense_crf(np.asarray(im), _crf_prob(mean, fused), self.cfg.crf) > .5
+            res.append(r)
+        return res
+
+def _crf_prob(mean:np.ndarray, fused:np.ndarray)->np.ndarray:
+    "CRF unary input: the mean map rescaled so that the fused mask's threshold sits at 0.5."
+    thr = mean[fused].min() if fused.any() else 1.
+    return np.where(mean >= thr, .5 + .5 * (mean - thr) / max(1 - thr, 1e-6), .5 * mean / max(thr, 1e-6)).clip(0, 1)
+
+
+# %%
+ds_t = DiffSeg(tiny_bb, cfg_t)
+res = ds_t.segment([load_image(recs[0].image), Image.new('L', (10, 7), 90), Image.new('RGBA', (40, 30))])
+test_eq([r['mask'].shape for r in res], [(192, 256), (7, 10), (30, 40)])     # input size, any mode, tiny images
+test_eq(res[0]['outputs'].shape, (6, 192, 256)); assert 0 <= res[0]['uncertainty'] <= 1
+assert res[1]['mask'].dtype == bool and 'crf_mask' in res[2]
