@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import DermnbError, PROFILES
 
 # %% auto #0
-__all__ = ['cmd_data_summary', 'cmd_figures', 'build_parser', 'main']
+__all__ = ['cmd_data_summary', 'cmd_figures', 'cmd_eval_seg', 'cmd_eval_fid', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #1be7f98f
 def _fmt_counts(d:dict, width:int=78)->str:
@@ -50,6 +50,24 @@ def cmd_figures(args)->int:
     for r in bad: print(f"FAILED {r['name']}: {r['error']}", file=sys.stderr)
     return 1 if bad else 0
 
+# %% ../nbs/11_cli.ipynb #031fb6d8
+def _print_result(res:dict, as_json:bool):
+    "Print a flat result dict as JSON or as `key value` lines."
+    if as_json: print(json.dumps(res, indent=2)); return
+    for k, v in res.items(): print(f'{k:>18} {v:.4f}' if isinstance(v, float) else f'{k:>18} {v}')
+
+def cmd_eval_seg(args)->int:
+    "Segmentation metrics of a prediction folder against ground truth."
+    from dermnb.metrics import eval_seg_folders
+    res = eval_seg_folders(args.pred, args.gt, csv=args.csv)
+    _print_result({k: res[k] for k in ('dice', 'jaccard', 'threshold_jaccard', 'precision', 'recall', 'n')} | res, args.json)
+    return 0
+
+def cmd_eval_fid(args)->int:
+    "FID and KID between two image folders."
+    from dermnb.metrics import eval_fid_folders
+    _print_result(eval_fid_folders(args.dir_a, args.dir_b, device=args.device), args.json); return 0
+
 # %% ../nbs/11_cli.ipynb #ff63c8ad
 def build_parser()->argparse.ArgumentParser:
     "The `dermnb` argument parser with all subcommands."
@@ -71,6 +89,15 @@ def build_parser()->argparse.ArgumentParser:
     f.add_argument('--list', action='store_true', help='list the figure notebooks and exit')
     f.add_argument('--quiet', action='store_true', help='no per-cell progress bars')
     f.set_defaults(fn=cmd_figures)
+
+    ev = sub.add_parser('eval', help='evaluate predictions or generated images').add_subparsers(dest='eval_cmd', required=True)
+    e = ev.add_parser('seg', help='segmentation metrics: <id>_segmentation.png in --pred vs --gt')
+    e.add_argument('--pred', required=True, help='folder of predicted masks'); e.add_argument('--gt', required=True, help='folder of ground-truth masks')
+    e.add_argument('--csv', help='also write the per-image table here'); e.add_argument('--json', action='store_true')
+    e.set_defaults(fn=cmd_eval_seg)
+    e = ev.add_parser('fid', help='FID and KID (standard Inception) between two image folders')
+    e.add_argument('dir_a'); e.add_argument('dir_b'); e.add_argument('--device', default='auto'); e.add_argument('--json', action='store_true')
+    e.set_defaults(fn=cmd_eval_fid)
     return p
 
 def main(argv:list|None=None # arguments (default sys.argv[1:])
