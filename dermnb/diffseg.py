@@ -20,8 +20,9 @@ from .metrics import ged_terms, seg_metrics
 from .segmenter import dense_crf, CRFParams
 
 # %% auto #0
-__all__ = ['LESION', 'HEALTHY', 'CLASS_NAMES', 'corner_crops', 'WeakSkinDataset', 'DiffSegConfig', 'diffusion_difference',
-           'binarize_maps', 'consistency_maps', 'output_uncertainty', 'DiffSeg']
+__all__ = ['LESION', 'HEALTHY', 'CLASS_NAMES', 'IMAGE_SUFFIXES', 'corner_crops', 'WeakSkinDataset', 'DiffSegConfig',
+           'diffusion_difference', 'binarize_maps', 'consistency_maps', 'output_uncertainty', 'DiffSeg', 'list_images',
+           'segment_folder', 'otsu_method', 'unet_method']
 
 # %% ../nbs/06_diffseg.ipynb #ef7cb5f7
 def corner_crops(img:Image.Image, # RGB dermoscopic image
@@ -161,3 +162,57 @@ def _crf_prob(mean:np.ndarray, fused:np.ndarray)->np.ndarray:
     "CRF unary input: the mean map rescaled so that the fused mask's threshold sits at 0.5."
     thr = mean[fused].min() if fused.any() else 1.
     return np.where(mean >= thr, .5 + .5 * (mean - thr) / max(1 - thr, 1e-6), .5 * mean / max(thr, 1e-6)).clip(0, 1)
+
+# %% ../nbs/06_diffseg.ipynb #2ab87378
+IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp'}
+
+def list_images(folder:str|Path # input folder
+               )->list:
+    "Image files of a folder (sorted), skipping masks written by a segmenter."
+    folder = Path(folder)
+    if not folder.is_dir(): raise DataError(f"{folder}: image folder not found")
+    files = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.')
+             and not p.stem.endswith(('_segmentation', '_ambiguity'))]
+    if not files: raise DataError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+def segment_folder(method_fn, # images (list of PIL) -> list of dicts with 'mask' (and 'ambiguity', 'uncertainty')
+                   images_dir:str|Path, # input images
+                   out_dir:str|Path, # output folder (created)
+                   uncertainty:bool=False, # also write ambiguity maps and uncertainty.csv
+                   batch_size:int=16, # images per call of method_fn
+                   progress:bool=True # show a progress bar
+                  )->pd.DataFrame:
+    "Segment every image of a folder, writing ISIC-named 0/255 masks of the input size."
+    from dermnb.core import save_image, atomic_save
+    from tqdm.auto import tqdm
+    files = list_images(images_dir); out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in tqdm(range(0, len(files), batch_size), desc='segment', disable=not progress):
+        chunk = files[i:i + batch_size]
+        ims = [load_image(f) for f in chunk]                   # DataError names an unreadable file
+        for f, im, r in zip(chunk, ims, method_fn(ims)):
+            m = np.asarray(r['mask'], bool)
+            if m.shape != (im.size[1], im.size[0]): raise DataError(f"{f}: method returned a {m.shape} mask for a {im.size} image")
+            save_image(m, out_dir/f'{f.stem}_segmentation.png')
+            row = {'id': f.stem, 'file': f.name, 'lesion_fraction': float(m.mean())}
+            if uncertainty and 'ambiguity' in r:
+                save_image(np.asarray(r['ambiguity'], np.float32), out_dir/f'{f.stem}_ambiguity.png')
+                row['uncertainty'] = r['uncertainty']
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    if uncertainty: atomic_save(out_dir/'uncertainty.csv', lambda t: table.to_csv(t, index=False))
+    return table
+
+# %% ../nbs/06_diffseg.ipynb #357beae8
+def otsu_method(images:Sequence)->list:
+    "Otsu baseline as a segmentation method."
+    from dermnb.segmenter import otsu_segment
+    return [{'mask': otsu_segment(np.asarray(im))} for im in images]
+
+def unet_method(net, # trained LesionUNet (see `load_segmenter`)
+                threshold:float=.5 # probability threshold
+               ):
+    "The supervised U-Net as a segmentation method."
+    from dermnb.segmenter import predict_proba
+    return lambda images: [{'mask': p > threshold} for p in predict_proba(net, images)]

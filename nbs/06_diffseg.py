@@ -277,3 +277,87 @@ res = ds_t.segment([load_image(recs[0].image), Image.new('L', (10, 7), 90), Imag
 test_eq([r['mask'].shape for r in res], [(192, 256), (7, 10), (30, 40)])     # input size, any mode, tiny images
 test_eq(res[0]['outputs'].shape, (6, 192, 256)); assert 0 <= res[0]['uncertainty'] <= 1
 assert res[1]['mask'].dtype == bool and 'crf_mask' in res[2]
+
+# %% [markdown]
+# ## Segmenting a folder (the `dermnb segment` command)
+#
+# Every method is a function from images to per-image results with at least a `mask`; DiffSeg adds the ambiguity map
+# and its uncertainty. `segment_folder` reads every image of a folder (any format PIL reads; an unreadable file is an
+# error that names it, raised before anything is written), writes `<stem>_segmentation.png` (0/255, the input size:
+# `ISIC_xxxxxxx.jpg` gives the ISIC name `ISIC_xxxxxxx_segmentation.png`) atomically, and with `uncertainty=True` also
+# `<stem>_ambiguity.png` and `uncertainty.csv`. The output folder is what `dermnb eval seg` reads.
+
+# %%
+#| export
+IMAGE_SUFFIXES = {'.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp'}
+
+def list_images(folder:str|Path # input folder
+               )->list:
+    "Image files of a folder (sorted), skipping masks written by a segmenter."
+    folder = Path(folder)
+    if not folder.is_dir(): raise DataError(f"{folder}: image folder not found")
+    files = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.')
+             and not p.stem.endswith(('_segmentation', '_ambiguity'))]
+    if not files: raise DataError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+def segment_folder(method_fn, # images (list of PIL) -> list of dicts with 'mask' (and 'ambiguity', 'uncertainty')
+                   images_dir:str|Path, # input images
+                   out_dir:str|Path, # output folder (created)
+                   uncertainty:bool=False, # also write ambiguity maps and uncertainty.csv
+                   batch_size:int=16, # images per call of method_fn
+                   progress:bool=True # show a progress bar
+                  )->pd.DataFrame:
+    "Segment every image of a folder, writing ISIC-named 0/255 masks of the input size."
+    from dermnb.core import save_image, atomic_save
+    from tqdm.auto import tqdm
+    files = list_images(images_dir); out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in tqdm(range(0, len(files), batch_size), desc='segment', disable=not progress):
+        chunk = files[i:i + batch_size]
+        ims = [load_image(f) for f in chunk]                   # DataError names an unreadable file
+        for f, im, r in zip(chunk, ims, method_fn(ims)):
+            m = np.asarray(r['mask'], bool)
+            if m.shape != (im.size[1], im.size[0]): raise DataError(f"{f}: method returned a {m.shape} mask for a {im.size} image")
+            save_image(m, out_dir/f'{f.stem}_segmentation.png')
+            row = {'id': f.stem, 'file': f.name, 'lesion_fraction': float(m.mean())}
+            if uncertainty and 'ambiguity' in r:
+                save_image(np.asarray(r['ambiguity'], np.float32), out_dir/f'{f.stem}_ambiguity.png')
+                row['uncertainty'] = r['uncertainty']
+            rows.append(row)
+    table = pd.DataFrame(rows)
+    if uncertainty: atomic_save(out_dir/'uncertainty.csv', lambda t: table.to_csv(t, index=False))
+    return table
+
+
+# %% [markdown]
+# The baselines as methods: Otsu needs no model; the U-Net is the segmenter notebook's cached model.
+
+# %%
+#| export
+def otsu_method(images:Sequence)->list:
+    "Otsu baseline as a segmentation method."
+    from dermnb.segmenter import otsu_segment
+    return [{'mask': otsu_segment(np.asarray(im))} for im in images]
+
+def unet_method(net, # trained LesionUNet (see `load_segmenter`)
+                threshold:float=.5 # probability threshold
+               ):
+    "The supervised U-Net as a segmentation method."
+    from dermnb.segmenter import predict_proba
+    return lambda images: [{'mask': p > threshold} for p in predict_proba(net, images)]
+
+
+# %%
+import shutil
+with tempfile.TemporaryDirectory() as d:
+    d = Path(d); (d/'in').mkdir()
+    for r in recs[:3]: shutil.copy(r.image, d/'in')
+    Image.new('L', (20, 10), 100).save(d/'in'/'gray_photo.png')
+    tab = segment_folder(otsu_method, d/'in', d/'out', progress=False)
+    test_eq(sorted(p.name for p in (d/'out').iterdir()), sorted([f'{r.id}_segmentation.png' for r in recs[:3]] + ['gray_photo_segmentation.png']))
+    test_eq(load_mask(d/'out'/f'{recs[0].id}_segmentation.png').shape, (192, 256))
+    (d/'in'/'broken.jpg').write_bytes(b'\xff\xd8 not really'); 
+    test_fail(lambda: segment_folder(otsu_method, d/'in', d/'out2', progress=False), contains='broken.jpg')
+    assert not (d/'out2').exists() or not any((d/'out2').iterdir())       # nothing half-written
+    test_fail(lambda: segment_folder(otsu_method, d/'nothing', d/'o'), contains='image folder not found')
