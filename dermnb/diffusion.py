@@ -407,7 +407,8 @@ def load_text_encoder(name:str='minilm', # a key of `TEXT_ENCODERS`
                       device:str|torch.device='cpu' # device for the model
                      )->TextEncoder:
     "A text encoder by name (the name saved with a trained model)."
-    if name not in TEXT_ENCODERS: raise DermnbError(f"Unknown text encoder {name!r}; known: {sorted(TEXT_ENCODERS)}")
+    if name not in TEXT_ENCODERS:
+        raise DermnbError(f"Unknown text encoder {name!r}; known: {sorted(TEXT_ENCODERS)} (or pass the encoder itself)")
     return TEXT_ENCODERS[name](device=device)
 
 # %% ../nbs/03_diffusion.ipynb #c817ff96
@@ -610,8 +611,7 @@ def _bb_save(self:Backbone, path:str|Path # folder to write (created)
     "Save UNet, scheduler and the names/scaling of AE and text encoder."
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     self.unet.save_pretrained(path/'unet', safe_serialization=True); self.scheduler.save_pretrained(path/'scheduler')
-    te = getattr(self.text_encoder, 'name', None) if self.text_encoder is not None else None
-    if self.text_encoder is not None and te not in TEXT_ENCODERS: raise DermnbError(f"cannot save text encoder {te!r} by name")
+    te = (getattr(self.text_encoder, 'name', None) or 'custom') if self.text_encoder is not None else None
     ae = None if self.ae is None else {'name': self.ae.name, 'shift': self.ae.shift.tolist(), 'scale': self.ae.scale.tolist()}
     save_json({'ae': ae, 'text_encoder': te, 'num_classes': self.num_classes, 'image_size': self.image_size}, path/'backbone.json')
     return path
@@ -623,7 +623,8 @@ def load_ae(name:str, # 'taef2' or an SD model id/path
     return load_taef2(device=device) if name == 'taef2' else load_sd_vae(name, device=device)
 
 def _bb_load(path:str|Path, # folder written by `Backbone.save`
-             device:str|torch.device='cpu' # device for every part
+             device:str|torch.device='cpu', # device for every part
+             text_encoder:Callable|None=None # the text encoder, when it was not one of `TEXT_ENCODERS`
             )->Backbone:
     "Rebuild a saved backbone."
     path, dev = Path(path), get_device(device)
@@ -634,8 +635,9 @@ def _bb_load(path:str|Path, # folder written by `Backbone.save`
     if meta['ae']:
         ae = load_ae(meta['ae']['name'], dev)
         ae.shift.copy_(torch.tensor(meta['ae']['shift'])); ae.scale.copy_(torch.tensor(meta['ae']['scale']))
+    te = text_encoder if text_encoder is not None or not meta['text_encoder'] else load_text_encoder(meta['text_encoder'], dev)
     return Backbone(ucls.from_pretrained(path/'unet').to(dev), DDIMScheduler.from_pretrained(path/'scheduler'), ae,
-                    load_text_encoder(meta['text_encoder'], dev) if meta['text_encoder'] else None, meta['num_classes'], meta['image_size'])
+                    te, meta['num_classes'], meta['image_size'])
 
 Backbone.save, Backbone.load = _bb_save, staticmethod(_bb_load)
 

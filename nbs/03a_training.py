@@ -1,0 +1,789 @@
+# %% [markdown]
+# # Training diffusion models
+#
+# > One trainer for every denoiser: unconditional, class- or text-conditional, pixel or latent space, from scratch or LoRA; EMA, accumulation, AMP on GPU, budgets, atomic checkpoints and exact resume.
+
+# %%
+#| default_exp training
+
+# %%
+#| export
+from __future__ import annotations
+import os, json, math, time, random, shutil, warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from diffusers.training_utils import EMAModel
+from dermnb.core import (Config, DermnbError, DataError, WeightsMissingError, atomic_save, save_json, cached_dir,
+                         cache_root, get_device, seed_everything)
+from dermnb.diffusion import (Backbone, make_unet, make_scheduler, load_ae, load_text_encoder, load_sd_pipeline,
+                              unet_eps, add_lora, save_lora, load_lora, LORA_FILE)
+
+# %%
+from fastcore.test import test_eq, test_ne, test_fail, test_close
+import tempfile
+from dermnb.core import make_generator
+torch.manual_seed(0); torch.set_num_threads(1)   # tiny test models: threads only contend on a shared CPU
+
+
+# %% [markdown]
+# ## The training config
+#
+# A trained model is cached by its config, so the config holds everything the result depends on: what data
+# (`data`, a name the caller chooses, e.g. `'isic2018_task1+isic2019:train'`), which space and conditioning, the UNet's
+# size, the optimisation, and the time budget. The UNet is built from the config with `cfg.seed`, so a config fully
+# determines the initial weights. `base` fine-tunes an existing model instead: a saved backbone folder, or `sd:<id or
+# path>` for a Stable Diffusion pipeline; with `lora_rank > 0` only LoRA adapters are trained.
+
+# %%
+#| export
+@dataclass(frozen=True)
+class TrainConfig(Config):
+    "Everything a diffusion training run depends on (its stable hash keys the model cache)."
+    data:str='custom'              # name of the training data (part of the cache key; the caller keeps it truthful)
+    space:str='pixel'              # 'pixel' or 'latent'
+    ae:str='taef2'                 # latent autoencoder: 'taef2' or an SD model id/path (space='latent')
+    image_size:int=64              # side of the square training images, pixels
+    cond:str='none'                # 'none', 'class' or 'text'
+    num_classes:int=0              # number of classes (cond='class'); unknown labels (-1) train the null class
+    text_encoder:str='minilm'      # text encoder name (cond='text'), see `dermnb.diffusion.TEXT_ENCODERS`
+    channels:tuple=(64, 128, 128)  # UNet channels per level
+    layers_per_block:int=1         # resnet layers per level
+    attn_levels:tuple|None=None    # levels with (cross-)attention; default all but the first
+    head_dim:int=32                # channels per attention head
+    num_train_timesteps:int=1000   # T
+    beta_schedule:str='linear'     # noise schedule ('linear', 'scaled_linear', 'squaredcos_cap_v2')
+    prediction_type:str='epsilon'  # UNet target ('epsilon' or 'v_prediction')
+    base:str=''                    # fine-tune: '' (from scratch), a saved Backbone folder, or 'sd:<model id or path>'
+    lora_rank:int=0                # >0: train only LoRA adapters of this rank on the UNet attention
+    lora_alpha:float=0.            # LoRA alpha (0 = rank)
+    steps:int=1000                 # optimizer steps
+    batch_size:int=16              # images per micro-batch
+    grad_accum:int=1               # micro-batches per optimizer step
+    lr:float=2e-4                  # AdamW learning rate (after warm-up)
+    warmup:int=50                  # linear warm-up steps
+    weight_decay:float=0.          # AdamW weight decay
+    max_grad_norm:float=1.         # gradient clipping (0 = off)
+    ema_decay:float=0.999          # EMA decay cap (with diffusers' EMA warm-up); 0 = no EMA
+    p_uncond:float=0.1             # condition dropout for classifier-free guidance
+    flip:bool=True                 # random horizontal flips (latents: both flips are encoded once)
+    mixed_precision:str='no'       # 'no', 'fp16' or 'bf16'; only used on CUDA
+    max_minutes:float=0.           # wall-clock budget for the run (0 = none); checkpoint and stop when spent
+    ckpt_every:int=500             # checkpoint interval, steps
+    keep_ckpts:int=2               # checkpoints kept
+    log_every:int=10               # loss-curve interval, steps
+    seed:int=0                     # seeds the weights, data order, noise and dropout
+
+RESUME_FREE = ('steps', 'max_minutes', 'ckpt_every', 'keep_ckpts', 'log_every')
+
+
+# %% [markdown]
+# Problems in the config are caught before any work: unknown options, LoRA on a model without a base, and image
+# sizes the UNet cannot halve down to its bottleneck.
+
+# %%
+#| export
+def check_config(cfg:TrainConfig # the config to validate
+                )->TrainConfig:
+    "Raise `DermnbError` for invalid or inconsistent settings; return the config."
+    def need(ok, msg):
+        if not ok: raise DermnbError(f"TrainConfig: {msg}")
+    need(cfg.space in ('pixel', 'latent'), f"space must be 'pixel' or 'latent', not {cfg.space!r}")
+    need(cfg.cond in ('none', 'class', 'text'), f"cond must be 'none', 'class' or 'text', not {cfg.cond!r}")
+    need(cfg.cond != 'class' or cfg.num_classes > 0, "cond='class' needs num_classes > 0")
+    need(cfg.mixed_precision in ('no', 'fp16', 'bf16'), f"mixed_precision must be 'no', 'fp16' or 'bf16'")
+    need(cfg.lora_rank == 0 or cfg.base, "lora_rank > 0 needs a base model to adapt (base=...)")
+    need(cfg.steps > 0 and cfg.batch_size > 0 and cfg.grad_accum > 0, "steps, batch_size and grad_accum must be positive")
+    if not cfg.base:
+        f = (8 if cfg.space == 'latent' else 1) * 2 ** (len(cfg.channels) - 1)
+        need(cfg.image_size % f == 0, f"image_size {cfg.image_size} must be a multiple of {f} "
+             f"({'8x latent downsampling x ' if cfg.space == 'latent' else ''}{len(cfg.channels) - 1} UNet halvings)")
+    return cfg
+
+
+# %%
+test_eq(check_config(TrainConfig()).image_size, 64)
+test_fail(lambda: check_config(TrainConfig(space='latent', image_size=48, channels=(32, 64, 64))), contains='multiple of 32')
+test_fail(lambda: check_config(TrainConfig(cond='class')), contains='num_classes')
+test_fail(lambda: check_config(TrainConfig(lora_rank=4)), contains='base')
+test_ne(TrainConfig().hash(), TrainConfig(lr=1e-4).hash())
+
+
+# %% [markdown]
+# ## Building the model from the config
+#
+# From scratch: the UNet (seeded), the scheduler, and for latent space the named AE; for text, the named text encoder
+# (or any `encode_text(list[str]) -> (B,L,D)` callable the caller passes). Fine-tuning starts from the base's
+# backbone; with `lora_rank > 0` only the LoRA parameters train. `build_backbone` returns the backbone and the
+# list of parameters to optimise.
+
+# %%
+#| export
+def _load_base(base:str, device)->Backbone:
+    if base.startswith('sd:'): return Backbone.from_pipeline(load_sd_pipeline(base[3:], device=device))
+    return Backbone.load(base, device=device)
+
+def build_backbone(cfg:TrainConfig, # the training config
+                   device:str|torch.device='cpu', # device
+                   encode_text:Callable|None=None # text encoder overriding `cfg.text_encoder`
+                  )->tuple[Backbone, list]:
+    "The backbone to train (seeded from `cfg.seed`) and its trainable parameters."
+    dev = get_device(device); check_config(cfg)
+    if cfg.base:
+        bb = _load_base(cfg.base, dev)
+        if encode_text is not None: bb.text_encoder = encode_text
+        got = (bb.kind, 'latent' if bb.ae is not None else 'pixel', bb.image_size)
+        if got != (cfg.cond, cfg.space, cfg.image_size):
+            raise DermnbError(f"base {cfg.base!r} is a {got[0]}-conditional {got[1]}-space model at {got[2]} px, but the config "
+                              f"says cond={cfg.cond!r}, space={cfg.space!r}, image_size={cfg.image_size}")
+    else:
+        ae = load_ae(cfg.ae, dev) if cfg.space == 'latent' else None
+        te = (encode_text or load_text_encoder(cfg.text_encoder, dev)) if cfg.cond == 'text' else None
+        seed_everything(cfg.seed)
+        unet = make_unet(cfg.cond, sample_size=cfg.image_size // (ae.factor if ae else 1), in_channels=ae.latent_channels if ae else 3,
+                         block_out_channels=cfg.channels, layers_per_block=cfg.layers_per_block, attn_levels=cfg.attn_levels,
+                         num_classes=cfg.num_classes, cross_attention_dim=getattr(te, 'dim', 384), head_dim=cfg.head_dim)
+        sch = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type, clip_sample=cfg.space == 'pixel')
+        bb = Backbone(unet.to(dev), sch, ae, te, cfg.num_classes, cfg.image_size)
+    if cfg.lora_rank: params = add_lora(bb.unet, cfg.lora_rank, cfg.lora_alpha or None)
+    else: params = [p for p in bb.unet.parameters() if p.requires_grad]
+    bb.unet.train()
+    return bb, params
+
+
+# %%
+tiny = dict(image_size=8, channels=(16, 32), head_dim=8, batch_size=4, steps=6, warmup=2, log_every=1, ckpt_every=100, lr=1e-3)
+bb, params = build_backbone(TrainConfig(cond='class', num_classes=3, **tiny))
+test_eq((bb.kind, bb.num_classes), ('class', 3)); test_eq(len(params), len(list(bb.unet.parameters())))
+bb2, _ = build_backbone(TrainConfig(cond='class', num_classes=3, **tiny))
+test_eq(list(bb.unet.parameters())[5].detach(), list(bb2.unet.parameters())[5].detach())   # the config fixes the weights
+
+
+# %% [markdown]
+# ## Data: materialised once
+#
+# The trainer reads items of any torch `Dataset` of dicts (`image` in [-1,1], `label`, `caption`), such as
+# `dermnb.data.DermDataset` (build it with `augment=False`: the trainer flips with its own generator). It reads every
+# item once: pixel images are kept as one tensor; in latent space only the latents are kept (both flips encoded,
+# so flipping stays exact), and a model without a base fits the AE's latent scaling on them. Captions are encoded once
+# per distinct caption. A wrong image size is a `DataError` naming both sizes.
+
+# %%
+#| export
+@dataclass
+class TrainData:
+    "A materialised training set: images or latents (N, K, C, H, W) with K flip variants, labels, caption indices."
+    x:torch.Tensor                  # (N, K, C, H, W) pixels or normalised latents; K = 2 holds the flipped copy
+    labels:torch.Tensor             # (N,) long, -1 = unknown
+    caption_idx:torch.Tensor        # (N,) index into `text_emb` (0 = the empty caption)
+    text_emb:torch.Tensor|None=None # (n_captions, L, D) embeddings, row 0 the empty caption
+    prep_s:float=0.                 # seconds spent materialising
+
+    def __len__(self): return len(self.x)
+
+
+# %%
+#| export
+@torch.no_grad()
+def prepare_data(dataset, # torch Dataset of dicts with 'image' (3,S,S) in [-1,1], 'label', 'caption'
+                 bb:Backbone, # the backbone (its AE encodes; its text encoder embeds captions)
+                 cfg:TrainConfig, # the config (image size, flips, conditioning)
+                 fit_scaling:bool=True, # fit the AE's latent shift/scale on these images (models without a base)
+                 chunk:int=64, # items encoded at once
+                 progress:bool=True # tqdm bar
+                )->TrainData:
+    "Read every item once: check sizes, encode latents (both flips) and captions."
+    t0, n = time.time(), len(dataset)
+    if n < cfg.batch_size: raise DataError(f"training set has {n} items, fewer than batch_size {cfg.batch_size}")
+    xs, labels, caps = [], [], []
+    for s in tqdm(range(0, n, chunk), desc='prepare data', disable=not progress, leave=False):
+        items = [dataset[i] for i in range(s, min(n, s + chunk))]
+        x = torch.stack([it['image'] for it in items]).float()
+        if x.shape[-2:] != (cfg.image_size, cfg.image_size):
+            raise DataError(f"dataset item {s} is {x.shape[-1]}x{x.shape[-2]} but the config's image_size is "
+                            f"{cfg.image_size}: build the dataset with size={cfg.image_size}")
+        v = torch.stack([x, x.flip(-1)], 1) if cfg.flip and bb.ae is not None else x[:, None]
+        if bb.ae is not None: v = torch.stack([bb.ae.encode_raw(v[:, k].to(bb.device)).float().cpu() for k in range(v.shape[1])], 1)
+        xs.append(v); labels += [int(it.get('label', -1)) for it in items]; caps += [str(it.get('caption', '')) for it in items]
+    x = torch.cat(xs)
+    if bb.ae is not None:
+        if fit_scaling:
+            z = x[:, 0].transpose(0, 1).flatten(1)
+            bb.ae.shift.copy_(z.mean(1)); bb.ae.scale.copy_(z.std(1).clamp_min(1e-6))
+        x = (x - bb.ae.shift.cpu().view(1, 1, -1, 1, 1)) / bb.ae.scale.cpu().view(1, 1, -1, 1, 1)
+    uniq = [''] + sorted(set(caps) - {''}); idx = {c: i for i, c in enumerate(uniq)}
+    emb = None
+    if cfg.cond == 'text':
+        emb = torch.cat([bb.text_encoder(uniq[i:i + chunk]).float().cpu()
+                         for i in tqdm(range(0, len(uniq), chunk), desc='encode captions', disable=not progress, leave=False)])
+    return TrainData(x, torch.tensor(labels), torch.tensor([idx[c] for c in caps]), emb, time.time() - t0)
+
+
+# %% [markdown]
+# A tiny dataset of real-looking items for the tests: smooth random blobs (fixed by a seed), labels and captions.
+
+# %%
+class ToyDataset(torch.utils.data.Dataset):
+    def __init__(self, n=8, size=8, seed=0, nan_at=None):
+        g = torch.Generator().manual_seed(seed)
+        self.x = F.interpolate(torch.rand(n, 3, 2, 2, generator=g), size=(size, size), mode='bilinear') * 2 - 1
+        self.nan_at = nan_at
+    def __len__(self): return len(self.x)
+    def __getitem__(self, i):
+        x = self.x[i].clone()
+        if i == self.nan_at: x[0, 0, 0] = float('nan')
+        return {'image': x, 'label': i % 4 - 1, 'caption': ['a melanoma', 'a nevus', ''][i % 3], 'id': str(i)}
+
+d = prepare_data(ToyDataset(), bb, TrainConfig(cond='class', num_classes=3, **tiny), progress=False)
+test_eq(d.x.shape, (8, 1, 3, 8, 8)); test_eq(d.labels.tolist()[:4], [-1, 0, 1, 2]); test_eq(d.text_emb, None)
+test_fail(lambda: prepare_data(ToyDataset(size=16), bb, TrainConfig(**tiny), progress=False), contains='16x16')
+
+
+# %% [markdown]
+# ## Data order, noise and conditioning dropout
+#
+# Determinism that survives a restart comes from *stateless* data order: micro-batch k (counted over the whole run)
+# takes its slice of the permutation of epoch `k // batches_per_epoch`, which is drawn from a generator seeded by
+# `(seed, epoch)`. The position in the data is then a function of the step, and resuming needs no sampler state.
+
+# %%
+#| export
+def batch_indices(k:int, # global micro-batch index (step * grad_accum + micro)
+                  n:int, # dataset size
+                  batch_size:int, # micro-batch size
+                  seed:int=0 # data-order seed
+                 )->torch.Tensor:
+    "Indices of micro-batch k: a slice of a per-epoch permutation seeded by (seed, epoch); incomplete batches dropped."
+    per_epoch = n // batch_size
+    epoch, j = divmod(k, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[j * batch_size:(j + 1) * batch_size]
+
+
+# %%
+ep = torch.cat([batch_indices(k, 10, 3) for k in range(3)])
+test_eq(len(set(ep.tolist())), 9)                                   # one epoch: no repeats (last incomplete batch dropped)
+test_eq(batch_indices(4, 10, 3), batch_indices(4, 10, 3)); test_ne(batch_indices(3, 10, 3), batch_indices(0, 10, 3))
+
+
+# %% [markdown]
+# All randomness of an optimizer step is drawn at once, for the whole effective batch (`batch_size * grad_accum`),
+# from the trainer's own generator: timesteps, noise, flips and condition dropout. Splitting the batch into
+# micro-batches then changes nothing but rounding, which is what makes gradient accumulation exactly equivalent to a
+# bigger batch.
+
+# %%
+#| export
+def draw_batch(data:TrainData, # the materialised data
+               idx:torch.Tensor, # item indices of the effective batch
+               cfg:TrainConfig, # config (conditioning, dropout, flips)
+               bb:Backbone, # backbone (scheduler, null class)
+               gen:torch.Generator # the trainer's generator (CPU)
+              )->dict:
+    "Clean inputs, noise, timesteps and conditions for one optimizer step (tensors on CPU)."
+    B = len(idx)
+    t = torch.randint(0, bb.scheduler.config.num_train_timesteps, (B,), generator=gen)
+    flip = torch.rand(B, generator=gen) < 0.5 if cfg.flip else torch.zeros(B, dtype=torch.bool)
+    drop = torch.rand(B, generator=gen) < cfg.p_uncond
+    x = data.x[idx]
+    if x.shape[1] == 2: x0 = torch.where(flip.view(-1, 1, 1, 1), x[:, 1], x[:, 0])        # encoded flips
+    else: x0 = torch.where(flip.view(-1, 1, 1, 1), x[:, 0].flip(-1), x[:, 0])
+    noise = torch.randn(x0.shape, generator=gen)
+    out = {'x0': x0, 'noise': noise, 't': t}
+    if cfg.cond == 'class':
+        lab = data.labels[idx].clone(); lab[(lab < 0) | (lab >= cfg.num_classes) | drop] = cfg.num_classes
+        out['cond'] = lab
+    elif cfg.cond == 'text':
+        ci = data.caption_idx[idx].clone(); ci[drop] = 0
+        out['cond'] = data.text_emb[ci]
+    return out
+
+
+# %%
+cfg_c = TrainConfig(cond='class', num_classes=3, p_uncond=0.5, **tiny)
+b1 = draw_batch(d, batch_indices(0, 8, 4), cfg_c, bb, make_generator(0))
+b2 = draw_batch(d, batch_indices(0, 8, 4), cfg_c, bb, make_generator(0))
+test_eq(b1['noise'], b2['noise']); test_eq(b1['cond'], b2['cond'])
+test_eq(b1['x0'].shape, (4, 3, 8, 8)); assert set(b1['cond'].tolist()) <= {0, 1, 2, 3}
+
+
+# %% [markdown]
+# ## Checkpoints: one atomic safetensors file each
+#
+# A checkpoint is one `.safetensors` file holding the trainable weights, the EMA weights, the optimizer's state
+# tensors, the RNG states (the trainer's generator, torch, CUDA, NumPy) and the AE's latent scaling; the rest (step,
+# config, optimizer hyper-parameters, LR-schedule and grad-scaler state, Python's RNG) is JSON in the file's metadata.
+# `atomic_save` writes it under a temporary name and renames it, so a crash mid-write leaves the previous checkpoint
+# as it was, and a file with a final name is always complete.
+
+# %%
+#| export
+def _np_rng()->tuple[torch.Tensor, dict]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return torch.from_numpy(keys.astype(np.int64)), {'name': name, 'pos': pos, 'has_gauss': has_gauss, 'cached': cached}
+
+def save_checkpoint(path:str|Path, # destination .safetensors file
+                    tensors:dict, # name -> tensor
+                    meta:dict # JSON-able metadata
+                   )->Path:
+    "Write tensors + JSON metadata as one safetensors file, atomically."
+    ts = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return atomic_save(path, lambda t: save_file(ts, str(t), metadata={'dermnb': json.dumps(meta)}))
+
+def load_checkpoint(path:str|Path # a file written by `save_checkpoint`
+                   )->tuple[dict, dict]:
+    "Read (tensors, metadata) back; an unreadable file is a `DataError`."
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()['dermnb'])
+    except Exception as e: raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+
+
+# %%
+with tempfile.TemporaryDirectory() as tdir:
+    f = Path(tdir)/'c.safetensors'
+    save_checkpoint(f, {'a': torch.arange(3), 's': torch.tensor(2.)}, {'step': 7})
+    t_, m_ = load_checkpoint(f); test_eq(t_['a'], torch.arange(3)); test_eq(m_['step'], 7)
+    test_fail(lambda: save_checkpoint(f, {'a': torch.arange(3)}, {'bad': object()}))    # a failed save...
+    test_eq(load_checkpoint(f)[1]['step'], 7)                                           # ...leaves the old file intact
+    test_eq([p.name for p in Path(tdir).iterdir()], ['c.safetensors'])
+    (Path(tdir)/'bad.safetensors').write_bytes(b'junk'); test_fail(lambda: load_checkpoint(Path(tdir)/'bad.safetensors'), contains='bad.safetensors')
+
+
+# %% [markdown]
+# `TrainState` gathers what a checkpoint must restore, in and out of the flat format: weights, EMA, optimizer,
+# LR schedule, grad scaler and RNGs.
+
+# %%
+#| export
+@dataclass
+class TrainState:
+    "The mutable state of a run: model params, EMA, optimizer, LR schedule, grad scaler, generator."
+    params:list                 # trainable parameters (in a fixed order)
+    names:list                  # their names
+    opt:torch.optim.Optimizer
+    sched:Any                   # LR scheduler
+    ema:EMAModel|None
+    scaler:Any                  # torch.amp.GradScaler (enabled only for fp16 on CUDA)
+    gen:torch.Generator         # noise / timestep / dropout generator
+    ae:Any=None                 # LatentAE whose scaling is saved
+
+    def tensors_meta(self, step:int, cfg:TrainConfig, elapsed:float)->tuple[dict, dict]:
+        "Flatten everything into (tensors, JSON metadata)."
+        T = {f'model.{n}': p for n, p in zip(self.names, self.params)}
+        osd = self.opt.state_dict(); oscal = {}
+        for pid, st in osd['state'].items():
+            for k, v in st.items():
+                if torch.is_tensor(v): T[f'opt.{pid}.{k}'] = v
+                else: oscal[f'{pid}.{k}'] = v
+        if self.ema is not None: T.update({f'ema.{i}': p for i, p in enumerate(self.ema.shadow_params)})
+        T['rng.gen'], T['rng.torch'] = self.gen.get_state(), torch.get_rng_state()
+        if torch.cuda.is_available(): T.update({f'rng.cuda.{i}': s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        T['rng.np'], np_meta = _np_rng()
+        if self.ae is not None: T['ae.shift'], T['ae.scale'] = self.ae.shift, self.ae.scale
+        ema_meta = {k: v for k, v in self.ema.state_dict().items() if k != 'shadow_params'} if self.ema is not None else None
+        meta = {'step': step, 'elapsed_s': elapsed, 'config': cfg.to_dict(), 'opt_groups': osd['param_groups'],
+                'opt_scalars': oscal, 'sched': self.sched.state_dict(), 'scaler': self.scaler.state_dict(),
+                'ema': ema_meta, 'rng_np': np_meta, 'rng_py': random.getstate()}
+        return T, meta
+
+
+# %%
+#| export
+def _restore(self:TrainState, T:dict, meta:dict):
+    "Load a checkpoint's tensors and metadata into this state (weights, EMA, optimizer, schedules, RNGs)."
+    with torch.no_grad():
+        for n, p in zip(self.names, self.params): p.copy_(T[f'model.{n}'])
+    state = {}
+    for k, v in T.items():
+        if k.startswith('opt.'): _, pid, key = k.split('.', 2); state.setdefault(int(pid), {})[key] = v
+    for k, v in meta['opt_scalars'].items(): pid, key = k.split('.', 1); state.setdefault(int(pid), {})[key] = v
+    self.opt.load_state_dict({'state': state, 'param_groups': meta['opt_groups']})
+    self.sched.load_state_dict(meta['sched']); self.scaler.load_state_dict(meta['scaler'])
+    if self.ema is not None:
+        shadow = [T[f'ema.{i}'].to(p.device) for i, p in enumerate(self.params)]
+        self.ema.load_state_dict({**meta['ema'], 'shadow_params': shadow})
+    if self.ae is not None: self.ae.shift.copy_(T['ae.shift']); self.ae.scale.copy_(T['ae.scale'])
+    self.gen.set_state(T['rng.gen']); torch.set_rng_state(T['rng.torch'])
+    if torch.cuda.is_available() and 'rng.cuda.0' in T:
+        torch.cuda.set_rng_state_all([T[f'rng.cuda.{i}'] for i in range(torch.cuda.device_count()) if f'rng.cuda.{i}' in T])
+    n = meta['rng_np']; np.random.set_state((n['name'], T['rng.np'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
+    v, s, g = meta['rng_py']; random.setstate((v, tuple(s), g))
+
+TrainState.restore = _restore
+
+
+# %% [markdown]
+# On resume, the checkpoint's config must match the requested one, except for the fields that only say how long or how
+# often (`RESUME_FREE`: steps, budget, intervals). Anything else would silently mix two experiments, so it is an error
+# that lists the differences.
+
+# %%
+#| export
+def check_resume(saved:dict, # config dict stored in the checkpoint
+                 cfg:TrainConfig, # requested config
+                 path:str|Path='' # checkpoint file, for the message
+                ):
+    "Raise `DermnbError` when the checkpoint's config differs from `cfg` outside `RESUME_FREE`."
+    now = cfg.to_dict()
+    diff = {k: (saved.get(k), now[k]) for k in now if k not in RESUME_FREE and saved.get(k) != now[k]}
+    if diff: raise DermnbError(f"{path}: cannot resume, the checkpoint was trained with a different config: "
+                               + ', '.join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items())
+                               + ". Use another output folder, or resume=False to start over.")
+
+def find_checkpoint(out_dir:str|Path # training output folder
+                   )->Path|None:
+    "The newest complete checkpoint in `out_dir/checkpoints`, or None."
+    cks = sorted((Path(out_dir)/'checkpoints').glob('ckpt-*.safetensors'))
+    return cks[-1] if cks else None
+
+
+# %%
+test_fail(lambda: check_resume(TrainConfig(lr=1.).to_dict(), TrainConfig(lr=2.), 'x.safetensors'), contains='lr=1.0 there')
+check_resume(TrainConfig(steps=10).to_dict(), TrainConfig(steps=20))     # training longer is fine
+
+
+# %% [markdown]
+# ## The trainer
+#
+# `train_diffusion` runs the loop: for each optimizer step it draws the step's randomness, runs `grad_accum`
+# micro-batches (autocast and a gradient scaler on CUDA when asked; on CPU mixed precision is off with a warning),
+# clips, steps AdamW with linear warm-up, updates the EMA, logs the loss, and checkpoints every `ckpt_every` steps,
+# at the time budget, at `stop_at`, and at the end. A non-finite loss stops at once with a `TrainingDivergedError`
+# before anything is saved from that step. At the end the EMA weights are saved as the model (`model/`, a
+# `Backbone` folder, or `lora/` for LoRA runs), with `loss.csv` and `train_state.json`.
+
+# %%
+#| export
+class TrainingDivergedError(DermnbError, FloatingPointError):
+    "The training loss became NaN or infinite."
+
+def _amp(cfg:TrainConfig, device:torch.device):
+    if cfg.mixed_precision == 'no': return None
+    if device.type != 'cuda':
+        warnings.warn(f"mixed_precision={cfg.mixed_precision!r} needs CUDA; training in float32 on {device.type}")
+        return None
+    return torch.float16 if cfg.mixed_precision == 'fp16' else torch.bfloat16
+
+def _loss(bb:Backbone, cfg:TrainConfig, b:dict, sl:slice, device, amp_dtype)->torch.Tensor:
+    "The diffusion loss of one micro-batch (rows `sl` of the step's batch)."
+    x0, noise, t = b['x0'][sl].to(device), b['noise'][sl].to(device), b['t'][sl].to(device)
+    x_t = bb.scheduler.add_noise(x0, noise, t)
+    target = noise if cfg.prediction_type == 'epsilon' else bb.scheduler.get_velocity(x0, noise, t)
+    cond = b['cond'][sl].to(device) if 'cond' in b else None
+    with torch.autocast('cuda', dtype=amp_dtype, enabled=amp_dtype is not None):
+        pred = unet_eps(bb.unet, x_t, t, cond)
+    return F.mse_loss(pred.float(), target.float())
+
+
+# %% [markdown]
+# The loop itself, split in three: setup (build, prepare, restore), the optimizer step, and the run. Setup returns
+# everything a step needs in one namespace.
+
+# %%
+#| export
+def _setup(cfg, dataset, out, device, resume, encode_text, progress):
+    dev = get_device(device)
+    bb, params = build_backbone(cfg, dev, encode_text)
+    names = [n for n, p in bb.unet.named_parameters() if p.requires_grad]
+    ck = find_checkpoint(out) if resume else None
+    saved = load_checkpoint(ck) if ck else None
+    if saved: check_resume(saved[1]['config'], cfg, ck)
+    if not resume: shutil.rmtree(out/'checkpoints', ignore_errors=True)
+    data = prepare_data(dataset, bb, cfg, fit_scaling=not cfg.base and not saved, progress=progress)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1., (s + 1) / max(1, cfg.warmup)))
+    amp = _amp(cfg, dev)
+    scaler = torch.amp.GradScaler('cuda', enabled=amp == torch.float16)
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2/3) if cfg.ema_decay > 0 else None
+    st = TrainState(params, names, opt, sched, ema, scaler, torch.Generator().manual_seed(cfg.seed), bb.ae)
+    step, elapsed, rows = 0, 0., []
+    if saved:
+        st.restore(*saved); step, elapsed = saved[1]['step'], saved[1]['elapsed_s']
+        if (out/'loss.csv').exists(): rows = [r for r in pd.read_csv(out/'loss.csv').to_dict('records') if r['step'] <= step]
+    return dict(bb=bb, st=st, data=data, dev=dev, amp=amp, step=step, elapsed=elapsed, rows=rows, resumed_from=ck)
+
+
+# %%
+#| export
+def _opt_step(cfg, bb, st, data, dev, amp, step)->float:
+    "One optimizer step (all micro-batches); returns the loss."
+    B, A = cfg.batch_size, cfg.grad_accum
+    idx = torch.cat([batch_indices(step * A + m, len(data), B, cfg.seed) for m in range(A)])
+    b = draw_batch(data, idx, cfg, bb, st.gen)
+    st.opt.zero_grad(set_to_none=True); total = 0.
+    for m in range(A):
+        loss = _loss(bb, cfg, b, slice(m * B, (m + 1) * B), dev, amp) / A
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(f"loss became {loss.item()} at step {step + 1} (micro-batch {m}); lower lr "
+                f"(now {cfg.lr}), use mixed_precision='no', or check the data for NaNs. Nothing from this step was saved.")
+        st.scaler.scale(loss).backward(); total += loss.item()
+    st.scaler.unscale_(st.opt)
+    if cfg.max_grad_norm > 0: torch.nn.utils.clip_grad_norm_(st.params, cfg.max_grad_norm)
+    st.scaler.step(st.opt); st.scaler.update(); st.sched.step()
+    if st.ema is not None: st.ema.step(st.params)
+    return total
+
+
+# %% [markdown]
+# Saving the outputs: the loss curve after every checkpoint, and at the end the EMA weights as the model. Old
+# checkpoints are removed only after a newer one is complete.
+
+# %%
+#| export
+def _checkpoint(cfg, st, out, step, elapsed, rows):
+    T, meta = st.tensors_meta(step, cfg, elapsed)
+    f = save_checkpoint(out/'checkpoints'/f'ckpt-{step:08d}.safetensors', T, meta)
+    for old in sorted((out/'checkpoints').glob('ckpt-*.safetensors'))[:-max(1, cfg.keep_ckpts)]: old.unlink()
+    atomic_save(out/'loss.csv', lambda t: pd.DataFrame(rows, columns=['step', 'loss', 'lr', 'elapsed_s', 'images']).to_csv(t, index=False))
+    return f
+
+def _save_model(cfg, bb, st, out):
+    "EMA weights into the UNet, then save the backbone (or the LoRA adapter)."
+    if st.ema is not None: st.ema.store(st.params); st.ema.copy_to(st.params)
+    if cfg.lora_rank: save_lora(out/'lora', bb.unet)
+    else:
+        tmp = out/'.model.tmp'; shutil.rmtree(tmp, ignore_errors=True); bb.save(tmp)
+        shutil.rmtree(out/'model', ignore_errors=True); os.replace(tmp, out/'model')
+    if st.ema is not None: st.ema.restore(st.params)
+
+
+# %%
+#| export
+def train_diffusion(cfg:TrainConfig, # what to train
+                    dataset, # torch Dataset of dicts: 'image' (3,S,S) in [-1,1], 'label', 'caption'
+                    out_dir:str|Path, # run folder: checkpoints/, loss.csv, train_state.json, model/ (or lora/)
+                    device:str|torch.device='auto', # training device
+                    resume:bool=True, # continue from the newest checkpoint in out_dir (same config)
+                    stop_at:int|None=None, # stop (with a checkpoint) after this step, e.g. to test resuming
+                    encode_text:Callable|None=None, # text encoder overriding cfg.text_encoder
+                    progress:bool=True # tqdm bars
+                   )->dict:
+    "Train a diffusion model as configured; returns the run summary (also saved as train_state.json)."
+    out, t0 = Path(out_dir), time.time(); out.mkdir(parents=True, exist_ok=True)
+    S = _setup(cfg, dataset, out, device, resume, encode_text, progress)
+    bb, st, data, dev, amp, step, rows = S['bb'], S['st'], S['data'], S['dev'], S['amp'], S['step'], S['rows']
+    base_elapsed, start_step, stopped, t_loop = S['elapsed'], S['step'], 'done', time.time()
+    elapsed = lambda: base_elapsed + time.time() - t0
+    last = stop_at if stop_at is not None else cfg.steps
+    bar = tqdm(total=cfg.steps, initial=step, desc='train', disable=not progress, leave=False)
+    acc, nacc = 0., 0
+    while step < min(last, cfg.steps):
+        acc += _opt_step(cfg, bb, st, data, dev, amp, step); nacc += 1; step += 1; bar.update()
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rows.append({'step': step, 'loss': acc / nacc, 'lr': st.sched.get_last_lr()[0], 'elapsed_s': round(elapsed(), 3),
+                         'images': step * cfg.batch_size * cfg.grad_accum})
+            bar.set_postfix(loss=f'{acc / nacc:.4f}'); acc, nacc = 0., 0
+        over = cfg.max_minutes > 0 and elapsed() >= cfg.max_minutes * 60
+        if over: stopped = 'time'
+        elif step == stop_at and step < cfg.steps: stopped = 'stop_at'
+        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped != 'done': _checkpoint(cfg, st, out, step, elapsed(), rows)
+        if stopped != 'done': break
+    bar.close()
+    if step > start_step and find_checkpoint(out) is None: _checkpoint(cfg, st, out, step, elapsed(), rows)
+    loop_s = time.time() - t_loop
+    if stopped != 'stop_at': _save_model(cfg, bb, st, out)
+    summary = {'step': step, 'stopped': stopped, 'elapsed_s': round(elapsed(), 2), 'prep_s': round(S['data'].prep_s, 2),
+               'loop_s': round(loop_s, 2), 'images_per_s': round((step - start_step) * cfg.batch_size * cfg.grad_accum / max(loop_s, 1e-9), 2),
+               'resumed_from': str(S['resumed_from'] or ''), 'final_loss': rows[-1]['loss'] if rows else None, 'device': str(dev),
+               'config': cfg.to_dict()}
+    save_json(summary, out/'train_state.json')
+    return summary
+
+
+# %% [markdown]
+# ### Tests of the trainer
+#
+# An unconditional pixel model trains, its loss falls, and the run leaves a loss curve, a checkpoint and a model that
+# loads as a `Backbone` and samples.
+
+# %%
+with tempfile.TemporaryDirectory() as tdir:
+    cfg = TrainConfig(data='toy', **{**tiny, 'steps': 30, 'lr': 3e-3})
+    s = train_diffusion(cfg, ToyDataset(), tdir, device='cpu', progress=False)
+    test_eq((s['step'], s['stopped']), (30, 'done'))
+    curve = pd.read_csv(Path(tdir)/'loss.csv'); test_eq(len(curve), 30)
+    assert curve.loss[-5:].mean() < curve.loss[:5].mean(), curve.loss.tolist()   # it learns
+    assert find_checkpoint(tdir) is not None and (Path(tdir)/'model'/'backbone.json').exists()
+    m = Backbone.load(Path(tdir)/'model')
+    test_eq(m.sample(2, steps=3, generator=make_generator(0)).shape, (2, 3, 8, 8))
+    print(f"tiny pixel model: loss {curve.loss[:5].mean():.3f} -> {curve.loss[-5:].mean():.3f}, {s['images_per_s']} images/s")
+
+
+# %% [markdown]
+# **Resume continues identically.** N steps straight, and N/2 steps + a restart from the checkpoint + N/2 steps, give
+# the same weights, EMA and loss curve, bit for bit: the checkpoint carries the optimizer, EMA, RNG states and (by the
+# step) the data position. Here with class conditioning, condition dropout, flips and gradient accumulation on.
+
+# %%
+def weights(d): return {k: v for k, v in load_checkpoint(find_checkpoint(d))[0].items() if k.startswith(('model.', 'ema.'))}
+with tempfile.TemporaryDirectory() as da, tempfile.TemporaryDirectory() as db:
+    cfg = TrainConfig(cond='class', num_classes=3, grad_accum=2, **{**tiny, 'batch_size': 2, 'steps': 6, 'ckpt_every': 100})
+    train_diffusion(cfg, ToyDataset(), da, device='cpu', progress=False)
+    s1 = train_diffusion(cfg, ToyDataset(), db, device='cpu', stop_at=3, progress=False)
+    test_eq((s1['step'], s1['stopped']), (3, 'stop_at')); assert not (Path(db)/'model').exists()
+    s2 = train_diffusion(cfg, ToyDataset(), db, device='cpu', progress=False)
+    test_eq(s2['step'], 6); assert s2['resumed_from'].endswith('ckpt-00000003.safetensors')
+    wa, wb = weights(da), weights(db)
+    test_eq(sorted(wa), sorted(wb)); assert any(k.startswith('ema.') for k in wa)
+    for k in wa: test_eq(wa[k], wb[k])                                             # identical, bit for bit
+    test_eq(pd.read_csv(Path(da)/'loss.csv').loss.tolist(), pd.read_csv(Path(db)/'loss.csv').loss.tolist())
+    test_fail(lambda: train_diffusion(cfg.replace(lr=5e-3), ToyDataset(), db, device='cpu', progress=False), contains='lr=')
+    test_eq(train_diffusion(cfg.replace(steps=8), ToyDataset(), db, device='cpu', progress=False)['step'], 8)   # train on
+
+
+# %% [markdown]
+# **Gradient accumulation** over 2 micro-batches of 2 gives the same gradient as one batch of 4 (same images, noise and
+# timesteps), up to rounding. (Compared on the gradients: Adam's first steps are nearly sign(gradient), which would
+# turn rounding differences of near-zero gradients into full-size weight differences.)
+
+# %%
+def step_grads(cfg):
+    bb, params = build_backbone(cfg, 'cpu'); data = prepare_data(ToyDataset(), bb, cfg, progress=False)
+    opt = torch.optim.SGD(params, lr=0.)
+    st = TrainState(params, [], opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.), None,
+                    torch.amp.GradScaler('cuda', enabled=False), torch.Generator().manual_seed(cfg.seed))
+    loss = _opt_step(cfg, bb, st, data, torch.device('cpu'), None, 0)
+    return loss, [p.grad.clone() for p in params]
+la, ga = step_grads(TrainConfig(**{**tiny, 'batch_size': 4}))
+lb, gb = step_grads(TrainConfig(**{**tiny, 'batch_size': 2}, grad_accum=2))
+test_close(la, lb, eps=1e-6)
+for a, b in zip(ga, gb): test_close(a, b, eps=1e-6)
+assert sum(g.abs().sum() for g in ga) > 0
+
+
+# %% [markdown]
+# **Budgets and failures.** A time budget stops the run with a checkpoint and a saved model, and a later call with more
+# budget goes on. A NaN in the data stops the run with a clear error and saves nothing from the bad step. A config
+# mismatch on resume and a wrong image size are clear errors (tested above). Mixed precision is GPU-only.
+
+# %%
+with tempfile.TemporaryDirectory() as tdir:
+    cfg = TrainConfig(**{**tiny, 'steps': 50, 'max_minutes': 1e-6})
+    s = train_diffusion(cfg, ToyDataset(), tdir, device='cpu', progress=False)
+    test_eq((s['step'], s['stopped']), (1, 'time')); assert (Path(tdir)/'model').exists()
+    test_eq(find_checkpoint(tdir).name, 'ckpt-00000001.safetensors')
+    test_eq(train_diffusion(cfg.replace(max_minutes=0., steps=3), ToyDataset(), tdir, device='cpu', progress=False)['step'], 3)
+with tempfile.TemporaryDirectory() as tdir:
+    test_fail(lambda: train_diffusion(TrainConfig(**tiny), ToyDataset(nan_at=1), tdir, device='cpu', progress=False),
+              contains='loss became nan')
+    assert find_checkpoint(tdir) is None and not (Path(tdir)/'model').exists()
+if not torch.cuda.is_available():
+    with tempfile.TemporaryDirectory() as tdir, warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always')
+        s = train_diffusion(TrainConfig(**{**tiny, 'steps': 1}, mixed_precision='bf16'), ToyDataset(), tdir, device='cpu', progress=False)
+    assert any('needs CUDA' in str(x.message) for x in w) and s['final_loss'] is not None
+
+# %%
+#| gpu
+with tempfile.TemporaryDirectory() as tdir:
+    s = train_diffusion(TrainConfig(**{**tiny, 'steps': 5}, mixed_precision='fp16'), ToyDataset(), tdir, device='cuda', progress=False)
+    assert math.isfinite(s['final_loss']) and s['device'].startswith('cuda')
+
+
+# %% [markdown]
+# **Latent and text.** A text-conditional model on TAEF2 latents of real ISIC images (16 px, so 2x2 latents here) with
+# the pretrained MiniLM text encoder: the AE's scaling is fitted on the training latents, saved with the model, and the
+# loaded backbone samples decoded images under guidance.
+
+# %%
+from dermnb.data import get_split, DermDataset
+recs = get_split('isic2018_task1', 'train')[:8]
+ds16 = DermDataset(recs, size=16, caption_fn=lambda r: f"dermoscopy of a {r.diagnosis or 'skin lesion'}")
+with tempfile.TemporaryDirectory() as tdir:
+    cfg = TrainConfig(space='latent', cond='text', image_size=16, channels=(32, 32), head_dim=16, batch_size=4, steps=4, log_every=1)
+    s = train_diffusion(cfg, ds16, tdir, device='cpu', progress=False)
+    m = Backbone.load(Path(tdir)/'model')
+    test_eq((m.kind, m.ae.name, m.text_encoder.name), ('text', 'taef2', 'minilm'))
+    z = prepare_data(ds16, m, cfg, fit_scaling=False, progress=False).x[:, 0]
+    test_close(z.mean(), 0., eps=0.05); test_close(z.std(), 1., eps=0.1)        # the saved scaling normalises them
+    im = m.sample(cond=['dermoscopy of a melanoma'], guidance_scale=3., steps=3, generator=make_generator(0))
+    test_eq(im.shape, (1, 3, 16, 16))
+
+
+# %% [markdown]
+# ## Loading trained models, and the model cache
+#
+# `load_trained` returns the `Backbone` of a finished run: the saved model, or for LoRA runs the base with the adapter
+# loaded. `train_cached` trains through `core.cached_dir`: the same config returns the same cached model without
+# training (and without building the dataset, which is passed as a function). The run itself happens in a stable work
+# folder (`<cache>/diffusion-work/<hash>`), so an interrupted or budget-limited build resumes where it stopped.
+
+# %%
+#| export
+def load_trained(path:str|Path, # a run folder (train_diffusion's out_dir or a cache entry)
+                 device:str|torch.device='cpu', # device
+                 encode_text:Callable|None=None # text encoder, when the run used a custom one
+                )->Backbone:
+    "The trained backbone of a run (EMA weights; LoRA runs: base + adapter)."
+    path = Path(path)
+    if (path/'model'/'backbone.json').exists(): return Backbone.load(path/'model', device, text_encoder=encode_text)
+    if (path/'lora'/LORA_FILE).exists():
+        cfg = TrainConfig.from_dict(json.loads((path/'train_state.json').read_text())['config'])
+        bb = _load_base(cfg.base, get_device(device))
+        if encode_text is not None: bb.text_encoder = encode_text
+        load_lora(bb.unet, path/'lora'); return bb
+    raise WeightsMissingError(f"{path}: no trained model (model/backbone.json or lora/{LORA_FILE}); train it first")
+
+def train_cached(cfg:TrainConfig, # what to train; `cfg.data` must name the data truthfully
+                 dataset_fn:Callable, # () -> dataset; called only when the model is not cached yet
+                 device:str|torch.device='auto', # training device
+                 root:str|Path|None=None, # cache root override
+                 refresh:bool=False, # retrain even when cached
+                 encode_text:Callable|None=None, # custom text encoder
+                 progress:bool=True # tqdm bars
+                )->Path:
+    "Train (or fetch from the cache) the model for `cfg`; returns its cache folder (use `load_trained`)."
+    work = cache_root(root)/'diffusion-work'/cfg.hash()
+    def build(tmp:Path):
+        train_diffusion(cfg, dataset_fn(), work, device=device, resume=not refresh, encode_text=encode_text, progress=progress)
+        for f in ('model', 'lora', 'loss.csv', 'train_state.json'):
+            if (work/f).exists(): (shutil.copytree if (work/f).is_dir() else shutil.copy2)(work/f, tmp/f)
+    p = cached_dir('diffusion', cfg, build, root=root, refresh=refresh)
+    shutil.rmtree(work, ignore_errors=True)
+    return p
+
+
+# %%
+with tempfile.TemporaryDirectory() as root:
+    calls = []
+    def ds_fn(): calls.append(1); return ToyDataset()
+    cfg = TrainConfig(data='toy', **{**tiny, 'steps': 2})
+    p1 = train_cached(cfg, ds_fn, device='cpu', root=root, progress=False)
+    p2 = train_cached(cfg, ds_fn, device='cpu', root=root, progress=False)
+    test_eq(p1, p2); test_eq(len(calls), 1)                              # the second call is a cache hit
+    test_eq(load_trained(p1).kind, 'none'); assert (p1/'loss.csv').exists() and (p1/'config.json').exists()
+    test_ne(train_cached(cfg.replace(lr=1e-4), ds_fn, device='cpu', root=root, progress=False), p1)
+    test_fail(lambda: load_trained(root), contains='no trained model')
+
+
+# %% [markdown]
+# **LoRA fine-tuning** of a base model (here the tiny SD pipeline saved to disk, `base='sd:<path>'`) trains only the
+# adapters, and saves them in diffusers' format: the pipeline's own `load_lora_weights` reads them.
+
+# %%
+from dermnb.diffusion import tiny_sd_pipeline, load_sd_pipeline
+with tempfile.TemporaryDirectory() as sd_dir, tempfile.TemporaryDirectory() as tdir:
+    tiny_sd_pipeline().save_pretrained(sd_dir)
+    cfg = TrainConfig(space='latent', cond='text', image_size=16, base=f'sd:{sd_dir}', lora_rank=4, batch_size=4,
+                      steps=3, lr=1e-2, log_every=1, ema_decay=0.)
+    bbl, pl = build_backbone(cfg, 'cpu'); assert 0 < sum(p.numel() for p in pl) < sum(p.numel() for p in bbl.unet.parameters()) / 5
+    train_diffusion(cfg, ToyDataset(size=16), tdir, device='cpu', progress=False)
+    assert (Path(tdir)/'lora'/LORA_FILE).exists()
+    pipe = load_sd_pipeline(sd_dir, device='cpu', local_files_only=True)
+    x, e = torch.randn(1, 4, 8, 8), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        before = pipe.unet(x, 10, encoder_hidden_states=e).sample
+        pipe.load_lora_weights(str(Path(tdir)/'lora'))
+        after = pipe.unet(x, 10, encoder_hidden_states=e).sample
+        assert (after - before).abs().max() > 1e-4                                  # the trained adapter acts
+        test_close(load_trained(tdir).unet(x, 10, encoder_hidden_states=e).sample, after, eps=1e-5)   # base + adapter
+    test_fail(lambda: build_backbone(cfg.replace(image_size=32), 'cpu'), contains='16 px')
