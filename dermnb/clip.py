@@ -4,8 +4,9 @@
 
 # %% ../nbs/04_clip.ipynb #763d7084
 from __future__ import annotations
-import os, re, time, math, json, random, logging, warnings, contextlib
-from dataclasses import dataclass, field
+import os, re, time, math, json, logging, warnings, contextlib
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
@@ -25,12 +26,12 @@ from .data import Record, Records, LABELS, ISIC2019_MAP, DermDataset, get_split,
 __all__ = ['OPEN_CLIP_FILES', 'TRAIN_DATASETS', 'LITE_MEAN', 'LITE_STD', 'ZS_TEMPLATES', 'ISIC2019_CLASSES', 'PH2_CLASSES',
            'EDIT_TEMPLATES', 'ClipEncoder', 'weights_root', 'resolve_clip_weights', 'load_clip', 'with_article',
            'diagnosis_phrase', 'concept_phrases', 'meta_phrase', 'concept_caption', 'efficientnet_lite0_weights',
-           'minilm_dir', 'LiteImageTower', 'MiniLMTextTower', 'minilm_tokenizer', 'DermCLIP', 'DermCLIPConfig',
-           'dermclip_config', 'build_dermclip', 'dermclip_encoder', 'dermclip_records', 'dihedral', 'precompute_stems',
-           'caption_variants', 'caption_bank', 'fit_dermclip', 'trained_state', 'load_trained_state', 'train_dermclip',
-           'load_dermclip', 'zero_shot_weights', 'balanced_accuracy', 'retrieval_recall', 'retrieval_chance',
-           'eval_sets', 'evaluate_clip', 'dermclip_table', 'text_direction', 'clip_direction_similarity',
-           'directional_clip_loss']
+           'minilm_dir', 'LiteImageTower', 'calibrate_bn', 'MiniLMTextTower', 'minilm_tokenizer', 'DermCLIP',
+           'DermCLIPConfig', 'dermclip_config', 'build_dermclip', 'dermclip_encoder', 'dermclip_records', 'dihedral',
+           'precompute_stems', 'caption_variants', 'caption_bank', 'fit_dermclip', 'trained_state',
+           'load_trained_state', 'train_dermclip', 'load_dermclip', 'zero_shot_weights', 'balanced_accuracy',
+           'retrieval_recall', 'retrieval_chance', 'eval_sets', 'evaluate_clip', 'dermclip_table', 'text_direction',
+           'clip_direction_similarity', 'directional_clip_loss']
 
 # %% ../nbs/04_clip.ipynb #4a92c9b6
 class ClipEncoder(nn.Module):
@@ -341,6 +342,22 @@ class LiteImageTower(nn.Module):
         for m in self._modules_of(range(self.n_frozen)): m.eval()
         return self
 
+# %% ../nbs/04_clip.ipynb #244cc318
+@torch.no_grad()
+def calibrate_bn(tower:LiteImageTower, # image tower whose BatchNorm statistics are re-estimated
+                 batches:Sequence[torch.Tensor] # normalised pixel batches (B, 3, S, S)
+                )->LiteImageTower:
+    "Re-estimate all BatchNorm running statistics of a tower on image batches (cumulative average); eval mode after."
+    bns = [m for m in tower.modules() if isinstance(m, nn.BatchNorm2d)]
+    moms = [m.momentum for m in bns]
+    for m in bns: m.reset_running_stats(); m.momentum = None
+    tower.eval()
+    for m in bns: m.train()                    # batch statistics; the blocks themselves stay in eval: no drop connect
+    for x in batches:
+        for i in range(18): x = tower._layer(i, x)
+    for m, mo in zip(bns, moms): m.momentum = mo
+    return tower.eval()
+
 # %% ../nbs/04_clip.ipynb #c40a742b
 class MiniLMTextTower(HFTextEncoder):
     "open_clip's HF text tower on the packaged all-MiniLM-L6-v2: locked transformer, mean pooling, MLP projection."
@@ -470,13 +487,13 @@ def precompute_stems(model:DermCLIP, # model whose frozen image layers run
                      log:Callable|None=None # progress callback(str)
                     )->torch.Tensor:
     "Frozen-stem feature maps (N, views, C, h, w) in float16, view 0 = the image as it is."
-    enc = dermclip_encoder(model, cfg)
+    dev = model.logit_scale.device; enc = dermclip_encoder(model, cfg).to(dev)
     dl = torch.utils.data.DataLoader(DermDataset(records, cfg.image_size, cfg.fit, with_mask=False), batch_size=batch_size)
     g, out, t0 = torch.Generator().manual_seed(cfg.seed), [], time.time()
     for i, b in enumerate(dl):
         ks = [0] + (torch.randperm(7, generator=g)[:cfg.views - 1] + 1).tolist()
-        x = enc.pixels(b['image'])
-        out.append(torch.stack([model.visual.stem(dihedral(x, k)).half() for k in ks], 1))
+        x = enc.pixels(b['image'].to(dev))
+        out.append(torch.stack([model.visual.stem(dihedral(x, k)).half().cpu() for k in ks], 1))
         if log and i % 20 == 0: log(f'stems {min((i + 1) * batch_size, len(records))}/{len(records)} ({time.time() - t0:.0f}s)')
     return torch.cat(out)
 
@@ -498,8 +515,8 @@ def caption_bank(model:DermCLIP, # model whose locked text transformer runs
     "Distinct captions, their pooled MiniLM features (U, 384), and each record's caption indices (N, 4)."
     per = [caption_variants(r, cfg.caption_variants) for r in records]
     texts = sorted({c for cs in per for c in cs}); pos = {t: i for i, t in enumerate(texts)}
-    tok = minilm_tokenizer(cfg.context_length)
-    feats = torch.cat([model.text.pooled(tok(texts[i:i + batch_size])) for i in range(0, len(texts), batch_size)])
+    tok, dev = minilm_tokenizer(cfg.context_length), model.logit_scale.device
+    feats = torch.cat([model.text.pooled(tok(texts[i:i + batch_size]).to(dev)).cpu() for i in range(0, len(texts), batch_size)])
     idx = torch.tensor([[pos[c] for c in cs] + [pos[cs[0]]] * (4 - len(cs)) for cs in per])
     return texts, feats, idx
 
@@ -521,6 +538,7 @@ def fit_dermclip(model:DermCLIP, # model to train in place (frozen parts stay fr
                 )->dict:
     "Contrastive training of the unlocked layers and projections on precomputed stems; returns the loss history."
     torch.manual_seed(cfg.seed); g = torch.Generator().manual_seed(cfg.seed)
+    dev = model.logit_scale.device; text_feats = text_feats.to(dev)
     n, bs = len(stems), min(cfg.batch_size, len(stems))
     per_epoch = max(1, n // bs); total = steps or cfg.epochs * per_epoch
     top = [p for n_, p in model.visual.named_parameters() if p.requires_grad and not n_.startswith('proj')]
@@ -538,8 +556,8 @@ def fit_dermclip(model:DermCLIP, # model to train in place (frozen parts stay fr
             v = torch.randint(stems.shape[1], (len(b),), generator=g)
             var = torch.where(torch.rand(len(b), generator=g) < .5, 0, torch.randint(1, 4, (len(b),), generator=g))
             ti = cap_idx[b, var]; keep = _first_of_each(ti)
-            img = model.visual.forward_stem(stems[b[keep], v[keep]].float())
-            txt = model.text.proj(text_feats[ti[keep]])
+            img = model.visual.forward_stem(stems[b[keep], v[keep]].to(dev).float())
+            txt = model.text.proj(text_feats[ti[keep].to(dev)])
             loss = loss_fn(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), model.logit_scale.exp())
             opt.zero_grad(); loss.backward(); opt.step(); sched.step()
             with torch.no_grad(): model.logit_scale.clamp_(0, math.log(100))
@@ -569,26 +587,36 @@ def load_trained_state(model:DermCLIP, # a freshly built DermCLIP of the same co
     return model
 
 # %% ../nbs/04_clip.ipynb #f28c4e9c
+def _pixel_batches(model:DermCLIP, recs:Sequence[Record], cfg:DermCLIPConfig, n:int=512, batch_size:int=64)->list:
+    "Normalised pixel batches of up to n training images, drawn with the config's seed (for BatchNorm calibration)."
+    pick = np.random.default_rng(cfg.seed).permutation(len(recs))[:n]
+    ds, enc = DermDataset([recs[i] for i in pick], cfg.image_size, cfg.fit, with_mask=False), dermclip_encoder(model, cfg)
+    dl = torch.utils.data.DataLoader(ds, batch_size=batch_size)
+    return [enc.pixels(b['image']).to(model.logit_scale.device) for b in dl]
+
 def train_dermclip(cfg:DermCLIPConfig, # what to train
                    root:str|Path|None=None, # data root
+                   device:str|torch.device='cpu', # device to train on
                    log:Callable|None=print # progress callback(str)
                   )->tuple:
-    "Build, precompute and train a DermCLIP; returns (model, info) with the loss history and timings."
-    t0 = time.time(); model = build_dermclip(cfg).eval()
+    "Build (calibrating random towers' BatchNorm), precompute and train a DermCLIP; returns (model, info) with history and timings."
+    t0, c0 = time.time(), time.process_time(); model = build_dermclip(cfg).to(get_device(device))
     recs = dermclip_records(cfg, 'train', root)
     if not recs: raise DataError(f"No labelled training records in {cfg.datasets} under {data_root(root)}")
+    if not cfg.pretrained: calibrate_bn(model.visual, _pixel_batches(model, recs, cfg))
     stems = precompute_stems(model, recs, cfg, log=log); t1 = time.time()
     texts, feats, idx = caption_bank(model, recs, cfg); t2 = time.time()
     hist = fit_dermclip(model, stems, feats, idx, cfg, log=log); t3 = time.time()
     info = {'n_train': len(recs), 'n_captions': len(texts), 'per_source': dict(Counter(r.source for r in recs)),
             'seconds': {'stems': t1 - t0, 'captions': t2 - t1, 'train': t3 - t2, 'total': t3 - t0},
+            'cpu_seconds': time.process_time() - c0, 'device': str(get_device(device)),
             'threads': torch.get_num_threads(), 'history': hist}
-    return model, info
+    return model.cpu(), info
 
 def load_dermclip(cfg:DermCLIPConfig|None=None, # config; default the profile's
                   profile:str='quick', # profile used when cfg is None
                   root:str|Path|None=None, # data root for training
-                  device:str|torch.device='cpu', # device of the returned encoder
+                  device:str|torch.device='cpu', # device for training on a miss, and of the returned encoder
                   train:bool=True, # train on a cache miss (else raise WeightsMissingError)
                   refresh:bool=False, # retrain even when cached
                   cache:str|Path|None=None, # cache root override
@@ -598,8 +626,8 @@ def load_dermclip(cfg:DermCLIPConfig|None=None, # config; default the profile's
     cfg = cfg or dermclip_config(profile)
     def build(d:Path):
         if not train: raise WeightsMissingError(f"No trained DermCLIP for config {cfg.hash()} in the cache; "
-                                                "call load_dermclip(train=True) (about 10 min on 2 CPU cores in the quick profile)")
-        model, info = train_dermclip(cfg, root, log)
+                                                "call load_dermclip(train=True) (minutes on a CPU in the quick profile)")
+        model, info = train_dermclip(cfg, root, device, log)
         atomic_save(d/'dermclip.pt', lambda t: torch.save(trained_state(model, cfg), t)); save_json(info, d/'train_info.json')
     path = cached_dir('dermclip', cfg, build, root=cache, refresh=refresh)
     model = load_trained_state(build_dermclip(cfg), torch.load(path/'dermclip.pt', map_location='cpu', weights_only=True))
@@ -729,7 +757,7 @@ def dermclip_table(profile:str='quick', # run profile
                    log:Callable|None=print # progress callback(str)
                   )->pd.DataFrame:
     "The DermCLIP table: trained, pretrained-untuned and random-tower DermCLIP, plus chance."
-    cfg = dermclip_config(profile, split_seed=seed)
+    cfg = dermclip_config(profile, split_seed=seed, seed=seed)
     models = {'DermCLIP (trained)': load_dermclip(cfg, root=root, device=device, log=log),
               'pretrained, untuned': dermclip_encoder(build_dermclip(cfg), cfg).to(get_device(device)),
               'random towers (trained)': load_dermclip(cfg.replace(pretrained=False), root=root, device=device, log=log)}
