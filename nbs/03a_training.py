@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from diffusers.training_utils import EMAModel
 from dermnb.core import (Config, DermnbError, DataError, WeightsMissingError, atomic_save, save_json, cached_dir,
-                         cache_root, get_device, seed_everything)
+                         cache_root, get_device, get_profile, seed_everything)
 from dermnb.diffusion import (Backbone, make_unet, make_scheduler, load_ae, load_text_encoder, load_sd_pipeline,
                               unet_eps, add_lora, save_lora, load_lora, LORA_FILE)
 
@@ -76,13 +76,14 @@ class TrainConfig(Config):
     p_uncond:float=0.1             # condition dropout for classifier-free guidance
     flip:bool=True                 # random horizontal flips (latents: both flips are encoded once)
     mixed_precision:str='no'       # 'no', 'fp16' or 'bf16'; only used on CUDA
-    max_minutes:float=0.           # wall-clock budget for the run (0 = none); checkpoint and stop when spent
+    max_minutes:float=0.           # training-loop time budget, minutes (0 = none); checkpoint and stop when spent
+    snapshot_minutes:tuple=()      # also save the EMA model after these many minutes of training (snapshots/<m>min)
     ckpt_every:int=500             # checkpoint interval, steps
     keep_ckpts:int=2               # checkpoints kept
     log_every:int=10               # loss-curve interval, steps
     seed:int=0                     # seeds the weights, data order, noise and dropout
 
-RESUME_FREE = ('steps', 'max_minutes', 'ckpt_every', 'keep_ckpts', 'log_every')
+RESUME_FREE = ('steps', 'max_minutes', 'snapshot_minutes', 'ckpt_every', 'keep_ckpts', 'log_every')
 
 
 # %% [markdown]
@@ -168,6 +169,49 @@ test_eq(list(bb.unet.parameters())[5].detach(), list(bb2.unet.parameters())[5].d
 
 
 # %% [markdown]
+# ## Checkpoints: one atomic safetensors file each
+#
+# A checkpoint is one `.safetensors` file holding the trainable weights, the EMA weights, the optimizer's state
+# tensors, the RNG states (the trainer's generator, torch, CUDA, NumPy) and the AE's latent scaling; the rest (step,
+# config, optimizer hyper-parameters, LR-schedule and grad-scaler state, Python's RNG) is JSON in the file's metadata.
+# `atomic_save` writes it under a temporary name and renames it, so a crash mid-write leaves the previous checkpoint
+# as it was, and a file with a final name is always complete.
+
+# %%
+#| export
+def _np_rng()->tuple[torch.Tensor, dict]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return torch.from_numpy(keys.astype(np.int64)), {'name': name, 'pos': pos, 'has_gauss': has_gauss, 'cached': cached}
+
+def save_checkpoint(path:str|Path, # destination .safetensors file
+                    tensors:dict, # name -> tensor
+                    meta:dict # JSON-able metadata
+                   )->Path:
+    "Write tensors + JSON metadata as one safetensors file, atomically."
+    ts = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    return atomic_save(path, lambda t: save_file(ts, str(t), metadata={'dermnb': json.dumps(meta)}))
+
+def load_checkpoint(path:str|Path # a file written by `save_checkpoint`
+                   )->tuple[dict, dict]:
+    "Read (tensors, metadata) back; an unreadable file is a `DataError`."
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()['dermnb'])
+    except Exception as e: raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+
+
+# %%
+with tempfile.TemporaryDirectory() as tdir:
+    f = Path(tdir)/'c.safetensors'
+    save_checkpoint(f, {'a': torch.arange(3), 's': torch.tensor(2.)}, {'step': 7})
+    t_, m_ = load_checkpoint(f); test_eq(t_['a'], torch.arange(3)); test_eq(m_['step'], 7)
+    test_fail(lambda: save_checkpoint(f, {'a': torch.arange(3)}, {'bad': object()}))    # a failed save...
+    test_eq(load_checkpoint(f)[1]['step'], 7)                                           # ...leaves the old file intact
+    test_eq([p.name for p in Path(tdir).iterdir()], ['c.safetensors'])
+    (Path(tdir)/'bad.safetensors').write_bytes(b'junk'); test_fail(lambda: load_checkpoint(Path(tdir)/'bad.safetensors'), contains='bad.safetensors')
+
+
+# %% [markdown]
 # ## Data: materialised once
 #
 # The trainer reads items of any torch `Dataset` of dicts (`image` in [-1,1], `label`, `caption`), such as
@@ -193,16 +237,9 @@ class TrainData:
 # %%
 #| export
 @torch.no_grad()
-def prepare_data(dataset, # torch Dataset of dicts with 'image' (3,S,S) in [-1,1], 'label', 'caption'
-                 bb:Backbone, # the backbone (its AE encodes; its text encoder embeds captions)
-                 cfg:TrainConfig, # the config (image size, flips, conditioning)
-                 fit_scaling:bool=True, # fit the AE's latent shift/scale on these images (models without a base)
-                 chunk:int=64, # items encoded at once
-                 progress:bool=True # tqdm bar
-                )->TrainData:
-    "Read every item once: check sizes, encode latents (both flips) and captions."
-    t0, n = time.time(), len(dataset)
-    if n < cfg.batch_size: raise DataError(f"training set has {n} items, fewer than batch_size {cfg.batch_size}")
+def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)->TrainData:
+    "Read every item once: check sizes; raw latents (both flips) or pixels; labels; caption embeddings."
+    n = len(dataset)
     xs, labels, caps = [], [], []
     for s in tqdm(range(0, n, chunk), desc='prepare data', disable=not progress, leave=False):
         items = [dataset[i] for i in range(s, min(n, s + chunk))]
@@ -213,18 +250,49 @@ def prepare_data(dataset, # torch Dataset of dicts with 'image' (3,S,S) in [-1,1
         v = torch.stack([x, x.flip(-1)], 1) if cfg.flip and bb.ae is not None else x[:, None]
         if bb.ae is not None: v = torch.stack([bb.ae.encode_raw(v[:, k].to(bb.device)).float().cpu() for k in range(v.shape[1])], 1)
         xs.append(v); labels += [int(it.get('label', -1)) for it in items]; caps += [str(it.get('caption', '')) for it in items]
-    x = torch.cat(xs)
-    if bb.ae is not None:
-        if fit_scaling:
-            z = x[:, 0].transpose(0, 1).flatten(1)
-            bb.ae.shift.copy_(z.mean(1)); bb.ae.scale.copy_(z.std(1).clamp_min(1e-6))
-        x = (x - bb.ae.shift.cpu().view(1, 1, -1, 1, 1)) / bb.ae.scale.cpu().view(1, 1, -1, 1, 1)
     uniq = [''] + sorted(set(caps) - {''}); idx = {c: i for i, c in enumerate(uniq)}
     emb = None
     if cfg.cond == 'text':
         emb = torch.cat([bb.text_encoder(uniq[i:i + chunk]).float().cpu()
                          for i in tqdm(range(0, len(uniq), chunk), desc='encode captions', disable=not progress, leave=False)])
-    return TrainData(x, torch.tensor(labels), torch.tensor([idx[c] for c in caps]), emb, time.time() - t0)
+    return TrainData(torch.cat(xs), torch.tensor(labels), torch.tensor([idx[c] for c in caps]), emb)
+
+
+# %% [markdown]
+# Encoding a few thousand images with TAEF2 takes minutes on a CPU, and every model trained on the same data in the
+# same latent space needs the same latents. With a `cache_key` (which `train_cached` derives from the config's data
+# name, space, AE, size, flips and text encoder) the raw result is kept in the dermnb cache (`train-data/<hash>`).
+# The latent scaling is fitted afterwards, on the raw latents of the (unflipped) training images.
+
+# %%
+#| export
+def prepare_data(dataset, # torch Dataset of dicts with 'image' (3,S,S) in [-1,1], 'label', 'caption'
+                 bb:Backbone, # the backbone (its AE encodes; its text encoder embeds captions)
+                 cfg:TrainConfig, # the config (image size, flips, conditioning)
+                 fit_scaling:bool=True, # fit the AE's latent shift/scale on these images (models without a base)
+                 cache_key:dict|None=None, # keep the raw data in the dermnb cache under this key
+                 cache_root:str|Path|None=None, # cache root override
+                 chunk:int=64, # items encoded at once
+                 progress:bool=True # tqdm bars
+                )->TrainData:
+    "Materialise a training set: checked sizes, normalised latents (both flips) or pixels, labels, caption embeddings."
+    t0 = time.time()
+    if len(dataset) < cfg.batch_size: raise DataError(f"training set has {len(dataset)} items, fewer than batch_size {cfg.batch_size}")
+    if cache_key is None: d = _read_data(dataset, bb, cfg, chunk, progress)
+    else:
+        def build(p):
+            r = _read_data(dataset, bb, cfg, chunk, progress)
+            T = {'x': r.x, 'labels': r.labels, 'caption_idx': r.caption_idx, **({'text_emb': r.text_emb} if r.text_emb is not None else {})}
+            save_checkpoint(p/'data.safetensors', T, {'n': len(r.x)})
+        T, _ = load_checkpoint(cached_dir('train-data', cache_key, build, root=cache_root)/'data.safetensors')
+        d = TrainData(T['x'], T['labels'], T['caption_idx'], T.get('text_emb'))
+    if bb.ae is not None:
+        if fit_scaling:
+            z = d.x[:, 0].transpose(0, 1).flatten(1)
+            bb.ae.shift.copy_(z.mean(1)); bb.ae.scale.copy_(z.std(1).clamp_min(1e-6))
+        d.x = (d.x - bb.ae.shift.cpu().view(1, 1, -1, 1, 1)) / bb.ae.scale.cpu().view(1, 1, -1, 1, 1)
+    d.prep_s = time.time() - t0
+    return d
 
 
 # %% [markdown]
@@ -245,6 +313,11 @@ class ToyDataset(torch.utils.data.Dataset):
 d = prepare_data(ToyDataset(), bb, TrainConfig(cond='class', num_classes=3, **tiny), progress=False)
 test_eq(d.x.shape, (8, 1, 3, 8, 8)); test_eq(d.labels.tolist()[:4], [-1, 0, 1, 2]); test_eq(d.text_emb, None)
 test_fail(lambda: prepare_data(ToyDataset(size=16), bb, TrainConfig(**tiny), progress=False), contains='16x16')
+with tempfile.TemporaryDirectory() as root:
+    cc = TrainConfig(cond='class', num_classes=3, **tiny)
+    d1 = prepare_data(ToyDataset(), bb, cc, cache_key={'data': 'toy'}, cache_root=root, progress=False)
+    d2 = prepare_data(ToyDataset(n=12, seed=5), bb, cc, cache_key={'data': 'toy'}, cache_root=root, progress=False)
+    test_eq(d2.x, d1.x); test_eq(d1.x, d.x)          # same key, the cached data (so the key must name the data truthfully)
 
 
 # %% [markdown]
@@ -313,49 +386,6 @@ b1 = draw_batch(d, batch_indices(0, 8, 4), cfg_c, bb, make_generator(0))
 b2 = draw_batch(d, batch_indices(0, 8, 4), cfg_c, bb, make_generator(0))
 test_eq(b1['noise'], b2['noise']); test_eq(b1['cond'], b2['cond'])
 test_eq(b1['x0'].shape, (4, 3, 8, 8)); assert set(b1['cond'].tolist()) <= {0, 1, 2, 3}
-
-
-# %% [markdown]
-# ## Checkpoints: one atomic safetensors file each
-#
-# A checkpoint is one `.safetensors` file holding the trainable weights, the EMA weights, the optimizer's state
-# tensors, the RNG states (the trainer's generator, torch, CUDA, NumPy) and the AE's latent scaling; the rest (step,
-# config, optimizer hyper-parameters, LR-schedule and grad-scaler state, Python's RNG) is JSON in the file's metadata.
-# `atomic_save` writes it under a temporary name and renames it, so a crash mid-write leaves the previous checkpoint
-# as it was, and a file with a final name is always complete.
-
-# %%
-#| export
-def _np_rng()->tuple[torch.Tensor, dict]:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return torch.from_numpy(keys.astype(np.int64)), {'name': name, 'pos': pos, 'has_gauss': has_gauss, 'cached': cached}
-
-def save_checkpoint(path:str|Path, # destination .safetensors file
-                    tensors:dict, # name -> tensor
-                    meta:dict # JSON-able metadata
-                   )->Path:
-    "Write tensors + JSON metadata as one safetensors file, atomically."
-    ts = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
-    return atomic_save(path, lambda t: save_file(ts, str(t), metadata={'dermnb': json.dumps(meta)}))
-
-def load_checkpoint(path:str|Path # a file written by `save_checkpoint`
-                   )->tuple[dict, dict]:
-    "Read (tensors, metadata) back; an unreadable file is a `DataError`."
-    try:
-        with safe_open(str(path), framework='pt') as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()['dermnb'])
-    except Exception as e: raise DataError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
-
-
-# %%
-with tempfile.TemporaryDirectory() as tdir:
-    f = Path(tdir)/'c.safetensors'
-    save_checkpoint(f, {'a': torch.arange(3), 's': torch.tensor(2.)}, {'step': 7})
-    t_, m_ = load_checkpoint(f); test_eq(t_['a'], torch.arange(3)); test_eq(m_['step'], 7)
-    test_fail(lambda: save_checkpoint(f, {'a': torch.arange(3)}, {'bad': object()}))    # a failed save...
-    test_eq(load_checkpoint(f)[1]['step'], 7)                                           # ...leaves the old file intact
-    test_eq([p.name for p in Path(tdir).iterdir()], ['c.safetensors'])
-    (Path(tdir)/'bad.safetensors').write_bytes(b'junk'); test_fail(lambda: load_checkpoint(Path(tdir)/'bad.safetensors'), contains='bad.safetensors')
 
 
 # %% [markdown]
@@ -490,7 +520,12 @@ def _loss(bb:Backbone, cfg:TrainConfig, b:dict, sl:slice, device, amp_dtype)->to
 
 # %%
 #| export
-def _setup(cfg, dataset, out, device, resume, encode_text, progress):
+def data_cache_key(cfg:TrainConfig # the training config
+                  )->dict:
+    "What the materialised training data depends on (for the `train-data` cache)."
+    return {k: getattr(cfg, k) for k in ('data', 'space', 'ae', 'image_size', 'flip', 'cond', 'text_encoder', 'base')}
+
+def _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache):
     dev = get_device(device)
     bb, params = build_backbone(cfg, dev, encode_text)
     names = [n for n, p in bb.unet.named_parameters() if p.requires_grad]
@@ -498,7 +533,8 @@ def _setup(cfg, dataset, out, device, resume, encode_text, progress):
     saved = load_checkpoint(ck) if ck else None
     if saved: check_resume(saved[1]['config'], cfg, ck)
     if not resume: shutil.rmtree(out/'checkpoints', ignore_errors=True)
-    data = prepare_data(dataset, bb, cfg, fit_scaling=not cfg.base and not saved, progress=progress)
+    key = data_cache_key(cfg) if data_cache and encode_text is None else None
+    data = prepare_data(dataset, bb, cfg, fit_scaling=not cfg.base and not saved, cache_key=key, progress=progress)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1., (s + 1) / max(1, cfg.warmup)))
     amp = _amp(cfg, dev)
@@ -546,13 +582,15 @@ def _checkpoint(cfg, st, out, step, elapsed, rows):
     atomic_save(out/'loss.csv', lambda t: pd.DataFrame(rows, columns=['step', 'loss', 'lr', 'elapsed_s', 'images']).to_csv(t, index=False))
     return f
 
-def _save_model(cfg, bb, st, out):
-    "EMA weights into the UNet, then save the backbone (or the LoRA adapter)."
+def _save_model(cfg, bb, st, out, info=None):
+    "EMA weights into the UNet, then save the backbone (or the LoRA adapter) into `out/model` (or `out/lora`)."
     if st.ema is not None: st.ema.store(st.params); st.ema.copy_to(st.params)
-    if cfg.lora_rank: save_lora(out/'lora', bb.unet)
-    else:
-        tmp = out/'.model.tmp'; shutil.rmtree(tmp, ignore_errors=True); bb.save(tmp)
-        shutil.rmtree(out/'model', ignore_errors=True); os.replace(tmp, out/'model')
+    name = 'lora' if cfg.lora_rank else 'model'
+    tmp = out/f'.{name}.tmp'; shutil.rmtree(tmp, ignore_errors=True)
+    if cfg.lora_rank: save_lora(tmp, bb.unet)
+    else: bb.save(tmp)
+    if info: save_json(info, tmp/'info.json')
+    shutil.rmtree(out/name, ignore_errors=True); os.replace(tmp, out/name)
     if st.ema is not None: st.ema.restore(st.params)
 
 
@@ -565,36 +603,38 @@ def train_diffusion(cfg:TrainConfig, # what to train
                     resume:bool=True, # continue from the newest checkpoint in out_dir (same config)
                     stop_at:int|None=None, # stop (with a checkpoint) after this step, e.g. to test resuming
                     encode_text:Callable|None=None, # text encoder overriding cfg.text_encoder
+                    data_cache:bool=False, # keep the materialised data in the cache (cfg.data must name it truthfully)
                     progress:bool=True # tqdm bars
                    )->dict:
     "Train a diffusion model as configured; returns the run summary (also saved as train_state.json)."
-    out, t0 = Path(out_dir), time.time(); out.mkdir(parents=True, exist_ok=True)
-    S = _setup(cfg, dataset, out, device, resume, encode_text, progress)
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    S = _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache)
     bb, st, data, dev, amp, step, rows = S['bb'], S['st'], S['data'], S['dev'], S['amp'], S['step'], S['rows']
-    base_elapsed, start_step, stopped, t_loop = S['elapsed'], S['step'], 'done', time.time()
-    elapsed = lambda: base_elapsed + time.time() - t0
-    last = stop_at if stop_at is not None else cfg.steps
+    start_step, stopped, t_loop = step, 'done', time.time()
+    elapsed = lambda: S['elapsed'] + time.time() - t_loop          # training-loop time, summed over resumed runs
+    last = min(stop_at if stop_at is not None else cfg.steps, cfg.steps)
     bar = tqdm(total=cfg.steps, initial=step, desc='train', disable=not progress, leave=False)
     acc, nacc = 0., 0
-    while step < min(last, cfg.steps):
+    while step < last:
         acc += _opt_step(cfg, bb, st, data, dev, amp, step); nacc += 1; step += 1; bar.update()
         if step % cfg.log_every == 0 or step == cfg.steps:
             rows.append({'step': step, 'loss': acc / nacc, 'lr': st.sched.get_last_lr()[0], 'elapsed_s': round(elapsed(), 3),
                          'images': step * cfg.batch_size * cfg.grad_accum})
             bar.set_postfix(loss=f'{acc / nacc:.4f}'); acc, nacc = 0., 0
-        over = cfg.max_minutes > 0 and elapsed() >= cfg.max_minutes * 60
-        if over: stopped = 'time'
+        for m in cfg.snapshot_minutes:
+            if elapsed() >= m * 60 and not (out/'snapshots'/f'{m:g}min').exists():
+                _save_model(cfg, bb, st, out/'snapshots'/f'{m:g}min', {'step': step, 'elapsed_s': elapsed(), 'minutes': m})
+        if cfg.max_minutes > 0 and elapsed() >= cfg.max_minutes * 60: stopped = 'time'
         elif step == stop_at and step < cfg.steps: stopped = 'stop_at'
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped != 'done': _checkpoint(cfg, st, out, step, elapsed(), rows)
         if stopped != 'done': break
     bar.close()
-    if step > start_step and find_checkpoint(out) is None: _checkpoint(cfg, st, out, step, elapsed(), rows)
     loop_s = time.time() - t_loop
-    if stopped != 'stop_at': _save_model(cfg, bb, st, out)
-    summary = {'step': step, 'stopped': stopped, 'elapsed_s': round(elapsed(), 2), 'prep_s': round(S['data'].prep_s, 2),
-               'loop_s': round(loop_s, 2), 'images_per_s': round((step - start_step) * cfg.batch_size * cfg.grad_accum / max(loop_s, 1e-9), 2),
-               'resumed_from': str(S['resumed_from'] or ''), 'final_loss': rows[-1]['loss'] if rows else None, 'device': str(dev),
-               'config': cfg.to_dict()}
+    if stopped != 'stop_at': _save_model(cfg, bb, st, out, {'step': step, 'elapsed_s': elapsed()})
+    summary = {'step': step, 'stopped': stopped, 'train_s': round(elapsed(), 2), 'prep_s': round(data.prep_s, 2),
+               'images_per_s': round((step - start_step) * cfg.batch_size * cfg.grad_accum / max(loop_s, 1e-9), 2),
+               'resumed_from': str(S['resumed_from'] or ''), 'final_loss': rows[-1]['loss'] if rows else None,
+               'n_train': len(data), 'device': str(dev), 'config': cfg.to_dict()}
     save_json(summary, out/'train_state.json')
     return summary
 
@@ -661,15 +701,16 @@ assert sum(g.abs().sum() for g in ga) > 0
 
 
 # %% [markdown]
-# **Budgets and failures.** A time budget stops the run with a checkpoint and a saved model, and a later call with more
-# budget goes on. A NaN in the data stops the run with a clear error and saves nothing from the bad step. A config
+# **Budgets and failures.** A time budget (on the training loop's time) stops the run with a checkpoint and a saved
+# model, and a later call with more budget goes on; snapshots keep the EMA model at given training times. A NaN in the data stops the run with a clear error and saves nothing from the bad step. A config
 # mismatch on resume and a wrong image size are clear errors (tested above). Mixed precision is GPU-only.
 
 # %%
 with tempfile.TemporaryDirectory() as tdir:
-    cfg = TrainConfig(**{**tiny, 'steps': 50, 'max_minutes': 1e-6})
+    cfg = TrainConfig(**{**tiny, 'steps': 50, 'max_minutes': 1e-6, 'snapshot_minutes': (0.,)})
     s = train_diffusion(cfg, ToyDataset(), tdir, device='cpu', progress=False)
     test_eq((s['step'], s['stopped']), (1, 'time')); assert (Path(tdir)/'model').exists()
+    test_eq(json.loads((Path(tdir)/'snapshots'/'0min'/'model'/'info.json').read_text())['step'], 1)   # a snapshot
     test_eq(find_checkpoint(tdir).name, 'ckpt-00000001.safetensors')
     test_eq(train_diffusion(cfg.replace(max_minutes=0., steps=3), ToyDataset(), tdir, device='cpu', progress=False)['step'], 3)
 with tempfile.TemporaryDirectory() as tdir:
@@ -744,8 +785,9 @@ def train_cached(cfg:TrainConfig, # what to train; `cfg.data` must name the data
     "Train (or fetch from the cache) the model for `cfg`; returns its cache folder (use `load_trained`)."
     work = cache_root(root)/'diffusion-work'/cfg.hash()
     def build(tmp:Path):
-        train_diffusion(cfg, dataset_fn(), work, device=device, resume=not refresh, encode_text=encode_text, progress=progress)
-        for f in ('model', 'lora', 'loss.csv', 'train_state.json'):
+        train_diffusion(cfg, dataset_fn(), work, device=device, resume=not refresh, encode_text=encode_text,
+                        data_cache=True, progress=progress)
+        for f in ('model', 'lora', 'snapshots', 'loss.csv', 'train_state.json'):
             if (work/f).exists(): (shutil.copytree if (work/f).is_dir() else shutil.copy2)(work/f, tmp/f)
     p = cached_dir('diffusion', cfg, build, root=root, refresh=refresh)
     shutil.rmtree(work, ignore_errors=True)
@@ -787,3 +829,69 @@ with tempfile.TemporaryDirectory() as sd_dir, tempfile.TemporaryDirectory() as t
         assert (after - before).abs().max() > 1e-4                                  # the trained adapter acts
         test_close(load_trained(tdir).unet(x, 10, encoder_hidden_states=e).sample, after, eps=1e-5)   # base + adapter
     test_fail(lambda: build_backbone(cfg.replace(image_size=32), 'cpu'), contains='16 px')
+
+
+# %% [markdown]
+# ## The quick-profile base model
+#
+# Every method reuses one denoiser. In the full profile it is Stable Diffusion 2 (`load_sd_pipeline`). In the quick
+# profile it is trained here, on the CPU, within the profile's time budget: a text-conditional UNet in TAEF2's latent
+# space (64 px images -> 8x8x32 latents), conditioned on MiniLM token embeddings of concept captions
+# (`dermnb.clip.concept_caption`: diagnosis, dermoscopic concepts, site, age, sex), trained on the ISIC 2018 Task 1
+# and ISIC 2019 training splits. Caption dropout trains the empty caption as the unconditional model. Images are
+# squashed to squares as the ISIC 2019 redistribution already is. The UNet size was chosen by measured training
+# throughput on this 2-core CPU: (64, 128) channels with cross-attention at 4x4 and in the mid-block trains about
+# 1.5-2x faster than (64, 128, 128) or (96, 192) (see `benchmarks/diffusion_train.py`), so it sees more images in the budget.
+
+# %%
+#| export
+BASE_DATASETS = ('isic2018_task1', 'isic2019')
+
+def base_config(profile:str='quick', # run profile (its image size and time budget)
+                seed:int=0 # seed of the weights, data order and noise
+               )->TrainConfig:
+    "Config of the shared text-conditional latent base model (null caption = unconditional)."
+    p = get_profile(profile); m = p.train_minutes
+    return TrainConfig(data='+'.join(BASE_DATASETS) + ':train:squash:concept_caption', space='latent', ae='taef2',
+                       image_size=p.image_size, cond='text', text_encoder='minilm', channels=(64, 128), attn_levels=(False, True),
+                       head_dim=32, beta_schedule='linear', steps=1_000_000, batch_size=32, lr=5e-4, warmup=200,
+                       ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=m, snapshot_minutes=(m / 3, 2 * m / 3),
+                       ckpt_every=200, log_every=10, seed=seed)
+
+def base_dataset(image_size:int=64, # square side, pixels
+                 split:str='train', # 'train', 'val' or 'test'
+                 root:str|Path|None=None, # data root; default $DERMNB_DATA
+                 seed:int=0 # split seed
+                ):
+    "ISIC 2018 Task 1 + ISIC 2019 images of one split, squashed to squares, with concept captions."
+    from dermnb.data import get_split, DermDataset
+    from dermnb.clip import concept_caption
+    recs = [r for ds in BASE_DATASETS for r in get_split(ds, split, root, seed)]
+    return DermDataset(recs, size=image_size, fit='squash', caption_fn=concept_caption, with_mask=False)
+
+
+# %% [markdown]
+# `load_base_model` is what methods call. Quick profile: the cached model for `base_config` (trained on a cache
+# miss, in about the profile's `train_minutes` plus a one-time latent encoding of the data); full profile: SD 2.
+
+# %%
+#| export
+def load_base_model(profile:str='quick', # 'quick' (trained here, cached) or 'full' (Stable Diffusion)
+                    root:str|Path|None=None, # data root (quick profile training data)
+                    seed:int=0, # seed of the base model
+                    device:str|torch.device='auto', # device
+                    progress:bool=True # tqdm bars when training
+                   )->Backbone:
+    "The shared base `Backbone`: the quick profile's cached latent model, or Stable Diffusion for 'full'."
+    if get_profile(profile).pretrained: return Backbone.from_pipeline(load_sd_pipeline(device=device))
+    cfg = base_config(profile, seed)
+    path = train_cached(cfg, lambda: base_dataset(cfg.image_size, 'train', root, seed), device=device, progress=progress)
+    return load_trained(path, device)
+
+
+# %%
+cfg_b = base_config('quick')
+test_eq((cfg_b.space, cfg_b.cond, cfg_b.image_size, cfg_b.max_minutes), ('latent', 'text', 64, get_profile('quick').train_minutes))
+check_config(cfg_b)
+dsb = base_dataset(64, 'val')
+it = dsb[0]; test_eq(it['image'].shape, (3, 64, 64)); assert it['caption'].startswith('dermoscopy of')
