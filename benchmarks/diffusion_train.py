@@ -1,0 +1,99 @@
+"""Training and sampling speed of the diffusion backbone.
+
+1. Training samples/s: dermnb's `train_diffusion` (EMA, clipping, logging, checkpoint, its seeded batch draw) against a
+   plain diffusers training loop (`DDPMScheduler.add_noise` + UNet + MSE + AdamW) on the same UNet and batch, both
+   on latents and caption embeddings held in memory (data preparation is excluded from both). Target: ratio >= 0.9.
+2. Sampling images/s of the backbone (DDIM with classifier-free guidance, plus the TAEF2 decode).
+3. Peak memory of each (max RSS on CPU, max allocated on CUDA), each part in its own process.
+
+Run: .venv/bin/python benchmarks/diffusion_train.py [--config base|pixel] [--steps 20] [--threads 1] [--device cpu]
+Needs $DERMNB_DATA (TAEF2 weights and the first training images).
+"""
+import argparse, json, os, resource, subprocess, sys, tempfile, time
+import torch
+
+
+def peak_mb(device):
+    if device.type == 'cuda': return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
+def part_ours(cfg, steps, device):
+    "dermnb's trainer on the first images of the base training set; images/s of its training loop."
+    from dermnb.training import train_diffusion, base_dataset
+    n = max(cfg.batch_size * 4, 64)
+    ds = torch.utils.data.Subset(base_dataset(cfg.image_size, 'train'), range(n))
+    with tempfile.TemporaryDirectory() as d:
+        s = train_diffusion(cfg.replace(steps=steps, max_minutes=0, snapshot_minutes=(), ckpt_every=10**9), ds, d,
+                            device=device, progress=False)
+    return {'images_per_s': s['images_per_s'], 'steps': steps}
+
+
+def part_plain(cfg, steps, device):
+    "A plain diffusers loop on the same UNet, batch and input shapes (random latents/embeddings in memory)."
+    from diffusers import DDPMScheduler
+    from dermnb.training import build_backbone
+    bb, params = build_backbone(cfg, device)
+    unet = bb.unet.train()
+    sch = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    B = cfg.batch_size
+    shape = bb.latent_shape(B)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(shape, generator=g).to(device)
+    ctx = torch.randn(B, 40, 384, generator=g).to(device) if cfg.cond == 'text' else None
+    def step():
+        noise = torch.randn(shape, device=device); t = torch.randint(0, 1000, (B,), device=device)
+        kw = {'encoder_hidden_states': ctx} if ctx is not None else {}
+        loss = torch.nn.functional.mse_loss(unet(sch.add_noise(x0, noise, t), t, **kw).sample, noise)
+        opt.zero_grad(); loss.backward(); opt.step()
+    step()                                                    # warm-up, as ours has its first step inside
+    if device.type == 'cuda': torch.cuda.synchronize()
+    t0 = time.time()
+    for _ in range(steps - 1): step()
+    if device.type == 'cuda': torch.cuda.synchronize()
+    return {'images_per_s': (steps - 1) * B / (time.time() - t0), 'steps': steps}
+
+
+def part_sample(cfg, steps, device, n=32, ddim_steps=20):
+    "Sampling speed: the config's (untrained) backbone, guided DDIM, decoded to pixels."
+    from dermnb.training import build_backbone, generate
+    bb, _ = build_backbone(cfg, device); bb.unet.eval()
+    caps = ['dermoscopy of a melanoma'] * n
+    generate(bb, caps[:2], steps=2, batch_size=2)             # warm-up
+    t0 = time.time(); generate(bb, caps, guidance_scale=2., steps=ddim_steps, batch_size=n)
+    return {'images_per_s': n / (time.time() - t0), 'ddim_steps': ddim_steps, 'guidance_scale': 2.0, 'n': n}
+
+
+PARTS = {'ours': part_ours, 'plain': part_plain, 'sample': part_sample}
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--config', default='base', choices=['base', 'pixel'])
+    ap.add_argument('--steps', type=int, default=20)
+    ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--device', default='cpu')
+    ap.add_argument('--part', default=None, choices=list(PARTS))
+    a = ap.parse_args()
+    if a.part:                                                # one measurement, in this process
+        torch.set_num_threads(a.threads)
+        from dermnb.core import get_device
+        from dermnb.training import base_config, pixel_config
+        dev = get_device(a.device)
+        cfg = (base_config if a.config == 'base' else pixel_config)('quick')
+        r = PARTS[a.part](cfg, a.steps, dev)
+        print(json.dumps({**r, 'peak_mb': peak_mb(dev)}))
+        sys.exit(0)
+    res = {}
+    for part in ('plain', 'ours', 'sample'):
+        out = subprocess.run([sys.executable, __file__, '--part', part, '--config', a.config, '--steps', str(a.steps),
+                              '--threads', str(a.threads), '--device', a.device], capture_output=True, text=True)
+        if out.returncode: sys.exit(f"{part} failed:\n{out.stderr[-2000:]}")
+        res[part] = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"config={a.config} device={a.device} threads={a.threads} steps={a.steps}")
+    for k, v in res.items(): print(f"  {k:6s}: {v}")
+    ratio = res['ours']['images_per_s'] / res['plain']['images_per_s']
+    print(f"training images/s  ours {res['ours']['images_per_s']:.1f}  plain diffusers loop {res['plain']['images_per_s']:.1f}"
+          f"  ratio {ratio:.2f} (target >= 0.9)")
+    print(f"sampling images/s  {res['sample']['images_per_s']:.2f} (DDIM {res['sample']['ddim_steps']} steps, guidance 2, decoded)")
+    print(f"peak memory MB     plain {res['plain']['peak_mb']:.0f}  ours {res['ours']['peak_mb']:.0f}  sampling {res['sample']['peak_mb']:.0f}")
