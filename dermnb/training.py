@@ -89,6 +89,9 @@ def check_config(cfg:TrainConfig # the config to validate
     return cfg
 
 # %% ../nbs/03a_training.ipynb #b07067ee
+@torch.no_grad()
+def _text_dim(te:Callable)->int: return te(['']).shape[-1]
+
 def _load_base(base:str, device)->Backbone:
     if base.startswith('sd:'): return Backbone.from_pipeline(load_sd_pipeline(base[3:], device=device))
     return Backbone.load(base, device=device)
@@ -112,7 +115,8 @@ def build_backbone(cfg:TrainConfig, # the training config
         seed_everything(cfg.seed)
         unet = make_unet(cfg.cond, sample_size=cfg.image_size // (ae.factor if ae else 1), in_channels=ae.latent_channels if ae else 3,
                          block_out_channels=cfg.channels, layers_per_block=cfg.layers_per_block, attn_levels=cfg.attn_levels,
-                         num_classes=cfg.num_classes, cross_attention_dim=getattr(te, 'dim', 384), head_dim=cfg.head_dim)
+                         num_classes=cfg.num_classes, head_dim=cfg.head_dim,
+                         cross_attention_dim=(getattr(te, 'dim', None) or _text_dim(te)) if te is not None else 384)
         sch = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type, clip_sample=cfg.space == 'pixel')
         bb = Backbone(unet.to(dev), sch, ae, te, cfg.num_classes, cfg.image_size)
     if cfg.lora_rank: params = add_lora(bb.unet, cfg.lora_rank, cfg.lora_alpha or None)

@@ -128,6 +128,9 @@ test_ne(TrainConfig().hash(), TrainConfig(lr=1e-4).hash())
 
 # %%
 #| export
+@torch.no_grad()
+def _text_dim(te:Callable)->int: return te(['']).shape[-1]
+
 def _load_base(base:str, device)->Backbone:
     if base.startswith('sd:'): return Backbone.from_pipeline(load_sd_pipeline(base[3:], device=device))
     return Backbone.load(base, device=device)
@@ -151,7 +154,8 @@ def build_backbone(cfg:TrainConfig, # the training config
         seed_everything(cfg.seed)
         unet = make_unet(cfg.cond, sample_size=cfg.image_size // (ae.factor if ae else 1), in_channels=ae.latent_channels if ae else 3,
                          block_out_channels=cfg.channels, layers_per_block=cfg.layers_per_block, attn_levels=cfg.attn_levels,
-                         num_classes=cfg.num_classes, cross_attention_dim=getattr(te, 'dim', 384), head_dim=cfg.head_dim)
+                         num_classes=cfg.num_classes, head_dim=cfg.head_dim,
+                         cross_attention_dim=(getattr(te, 'dim', None) or _text_dim(te)) if te is not None else 384)
         sch = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type, clip_sample=cfg.space == 'pixel')
         bb = Backbone(unet.to(dev), sch, ae, te, cfg.num_classes, cfg.image_size)
     if cfg.lora_rank: params = add_lora(bb.unet, cfg.lora_rank, cfg.lora_alpha or None)
@@ -748,6 +752,20 @@ with tempfile.TemporaryDirectory() as tdir:
     test_close(z.mean(), 0., eps=0.05); test_close(z.std(), 1., eps=0.1)        # the saved scaling normalises them
     im = m.sample(cond=['dermoscopy of a melanoma'], guidance_scale=3., steps=3, generator=make_generator(0))
     test_eq(im.shape, (1, 3, 16, 16))
+
+
+# %% [markdown]
+# Any `encode_text(list[str]) -> (B, L, D)` callable can condition the model; its width sets the UNet's
+# cross-attention width, and it is passed again when loading (the saved model only records its name).
+
+# %%
+enc12 = lambda texts: torch.stack([torch.full((5, 12), len(t) / 10.) for t in texts])
+with tempfile.TemporaryDirectory() as tdir:
+    train_diffusion(TrainConfig(cond='text', **{**tiny, 'steps': 2}), ToyDataset(), tdir, device='cpu', encode_text=enc12, progress=False)
+    m = Backbone.load(Path(tdir)/'model', text_encoder=enc12)
+    test_eq(m.unet.config.cross_attention_dim, 12)
+    test_eq(m.sample(cond=['a nevus'], guidance_scale=2., steps=2).shape, (1, 3, 8, 8))
+    test_fail(lambda: Backbone.load(Path(tdir)/'model'), contains='custom')
 
 
 # %% [markdown]
