@@ -19,7 +19,7 @@ from .core import DermnbError, DataError, WeightsMissingError, data_root, get_de
 # %% auto #0
 __all__ = ['TEXT_ENCODERS', 'UNET_LORA_TARGETS', 'TEXT_LORA_TARGETS', 'LORA_FILE', 'SD_DEFAULT_MODEL', 'TAEBlock', 'tae_encoder',
            'tae_decoder', 'TinyAE', 'LatentAE', 'taef2_dir', 'load_taef2', 'recon_psnr', 'load_sd_vae', 'make_unet',
-           'make_scheduler', 'cond_kwargs', 'unet_eps', 'predict_noise_multi', 'guided_eps', 'ddim_sample',
+           'make_scheduler', 'cond_kwargs', 'unet_eps', 'to_eps', 'predict_noise_multi', 'guided_eps', 'ddim_sample',
            'ddim_invert', 'HSpaceHook', 'hspace_hook', 'TextEncoder', 'load_minilm', 'load_text_encoder', 'add_lora',
            'save_lora', 'load_lora', 'tiny_clip_tokenizer', 'tiny_sd_pipeline', 'sd_model_id', 'load_sd_pipeline',
            'Backbone', 'load_ae']
@@ -250,16 +250,33 @@ def _cat_conds(cs:list):
     if isinstance(cs[0], dict): return {k: _cat_conds([c[k] for c in cs]) for k in cs[0]}
     return torch.cat(cs)
 
+def to_eps(out:torch.Tensor, # UNet output for x_t
+           x_t:torch.Tensor, # the noisy input (B,C,H,W)
+           t:int|torch.Tensor, # timestep: scalar or (B,)
+           scheduler # the model's scheduler (its prediction_type and alphas_cumprod)
+          )->torch.Tensor:
+    "Convert a UNet output (epsilon, v or x0 prediction) to the noise prediction epsilon."
+    pt = scheduler.config.prediction_type
+    if pt == 'epsilon': return out
+    ab = scheduler.alphas_cumprod.to(x_t.device)[torch.as_tensor(t, device=x_t.device).long()].to(x_t.dtype)
+    a, s = ab.sqrt().view(-1, *[1] * (x_t.ndim - 1)), (1 - ab).sqrt().view(-1, *[1] * (x_t.ndim - 1))
+    if pt == 'v_prediction': return a * out + s * x_t         # v = a eps - s x0 and x_t = a x0 + s eps
+    if pt == 'sample': return (x_t - a * out) / s
+    raise DermnbError(f"unknown prediction_type {pt!r}")
+
 def predict_noise_multi(unet:nn.Module, # a diffusers UNet
                         x_t:torch.Tensor, # noisy input (B,C,H,W), shared by every condition
                         t:int|torch.Tensor, # timestep: scalar or (B,)
-                        conds:Sequence # K conditions (see `cond_kwargs`), each for batch B or 1
+                        conds:Sequence, # K conditions (see `cond_kwargs`), each for batch B or 1
+                        scheduler=None # if given, outputs are converted to epsilon (for v- or x0-prediction models)
                        )->torch.Tensor:
     "Noise predictions (K,B,C,H,W) for K conditions on the same `x_t`, in ONE batched UNet call."
     K, B = len(conds), x_t.shape[0]
     t = torch.as_tensor(t, device=x_t.device); t = t.expand(B) if t.ndim == 0 else t
     c = _cat_conds([_expand_cond(c, B, x_t.device) for c in conds])
-    return unet_eps(unet, x_t.repeat(K, 1, 1, 1), t.repeat(K), c).view(K, B, *x_t.shape[1:])
+    out = unet_eps(unet, x_t.repeat(K, 1, 1, 1), t.repeat(K), c)
+    if scheduler is not None: out = to_eps(out, x_t.repeat(K, 1, 1, 1), t.repeat(K), scheduler)
+    return out.view(K, B, *x_t.shape[1:])
 
 # %% ../nbs/03_diffusion.ipynb #cb18e64e
 def guided_eps(unet:nn.Module, # a diffusers UNet
@@ -603,7 +620,15 @@ def _bb_invert(self:Backbone, x:torch.Tensor, # images in [-1,1]
     if c is None and self.kind != 'none': c = self.null(x.shape[0])
     return ddim_invert(self.unet, self.scheduler, self.encode(x), cond=c, steps=steps, return_trajectory=return_trajectory, **kw)
 
-Backbone.sample, Backbone.invert = _bb_sample, _bb_invert
+def _bb_predict_noise(self:Backbone, x_t:torch.Tensor, # noisy inputs in the UNet's space (B,C,H,W)
+                      t:int|torch.Tensor, # timestep: scalar or (B,)
+                      conds:Sequence # K conditions: captions, labels, embeddings, or None (= null)
+                     )->torch.Tensor:
+    "Noise predictions (K,B,C,H,W) as epsilon for K conditions on the same x_t, in one UNet call."
+    cs = [self.null(x_t.shape[0]) if c is None else self.cond(c) for c in conds]
+    return predict_noise_multi(self.unet, x_t.to(self.device), t, cs, scheduler=self.scheduler)
+
+Backbone.sample, Backbone.invert, Backbone.predict_noise = _bb_sample, _bb_invert, _bb_predict_noise
 
 # %% ../nbs/03_diffusion.ipynb #a739bc9c
 def _bb_save(self:Backbone, path:str|Path # folder to write (created)

@@ -345,7 +345,7 @@ def data_cache_key(cfg:TrainConfig # the training config
     "What the materialised training data depends on (for the `train-data` cache)."
     return {k: getattr(cfg, k) for k in ('data', 'space', 'ae', 'image_size', 'flip', 'cond', 'text_encoder', 'base')}
 
-def _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache):
+def _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache, cache_root=None):
     dev = get_device(device)
     bb, params = build_backbone(cfg, dev, encode_text)
     names = [n for n, p in bb.unet.named_parameters() if p.requires_grad]
@@ -354,7 +354,7 @@ def _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache)
     if saved: check_resume(saved[1]['config'], cfg, ck)
     if not resume: shutil.rmtree(out/'checkpoints', ignore_errors=True)
     key = data_cache_key(cfg) if data_cache and encode_text is None else None
-    data = prepare_data(dataset, bb, cfg, fit_scaling=not cfg.base and not saved, cache_key=key, progress=progress)
+    data = prepare_data(dataset, bb, cfg, fit_scaling=not cfg.base and not saved, cache_key=key, cache_root=cache_root, progress=progress)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1., (s + 1) / max(1, cfg.warmup)))
     amp = _amp(cfg, dev)
@@ -414,11 +414,12 @@ def train_diffusion(cfg:TrainConfig, # what to train
                     stop_at:int|None=None, # stop (with a checkpoint) after this step, e.g. to test resuming
                     encode_text:Callable|None=None, # text encoder overriding cfg.text_encoder
                     data_cache:bool=False, # keep the materialised data in the cache (cfg.data must name it truthfully)
+                    cache_root:str|Path|None=None, # cache root for `data_cache`
                     progress:bool=True # tqdm bars
                    )->dict:
     "Train a diffusion model as configured; returns the run summary (also saved as train_state.json)."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
-    S = _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache)
+    S = _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache, cache_root)
     bb, st, data, dev, amp, step, rows = S['bb'], S['st'], S['data'], S['dev'], S['amp'], S['step'], S['rows']
     start_step, stopped, t_loop = step, 'done', time.time()
     elapsed = lambda: S['elapsed'] + time.time() - t_loop          # training-loop time, summed over resumed runs
@@ -475,7 +476,7 @@ def train_cached(cfg:TrainConfig, # what to train; `cfg.data` must name the data
     work = cache_root(root)/'diffusion-work'/cfg.hash()
     def build(tmp:Path):
         train_diffusion(cfg, dataset_fn(), work, device=device, resume=not refresh, encode_text=encode_text,
-                        data_cache=True, progress=progress)
+                        data_cache=True, cache_root=root, progress=progress)
         for f in ('model', 'lora', 'snapshots', 'loss.csv', 'train_state.json'):
             if (work/f).exists(): (shutil.copytree if (work/f).is_dir() else shutil.copy2)(work/f, tmp/f)
     p = cached_dir('diffusion', cfg, build, root=root, refresh=refresh)
@@ -492,7 +493,7 @@ def base_config(profile:str='quick', # run profile (its image size and time budg
     p = get_profile(profile); m = p.train_minutes
     return TrainConfig(data='+'.join(BASE_DATASETS) + ':train:squash:concept_caption', space='latent', ae='taef2',
                        image_size=p.image_size, cond='text', text_encoder='minilm', channels=(64, 128), attn_levels=(False, True),
-                       head_dim=32, beta_schedule='linear', steps=1_000_000, batch_size=32, lr=5e-4, warmup=200,
+                       head_dim=32, beta_schedule='linear', prediction_type='v_prediction', steps=1_000_000, batch_size=32, lr=5e-4, warmup=200,
                        ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=m, snapshot_minutes=(m / 3, 2 * m / 3),
                        ckpt_every=200, log_every=10, seed=seed)
 

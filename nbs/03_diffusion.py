@@ -396,7 +396,8 @@ def unet_eps(unet:nn.Module, # a diffusers UNet
 # %% [markdown]
 # DiffSeg compares noise predictions for several conditions on the *same* noisy image, and classifier-free guidance
 # needs two. `predict_noise_multi` stacks K conditions into one batch of K*B, makes **one** UNet call and returns
-# (K, B, C, H, W). A condition with batch 1 (or a scalar label) is broadcast to the batch.
+# (K, B, C, H, W). A condition with batch 1 (or a scalar label) is broadcast to the batch. UNets may predict v
+# (Salimans & Ho) or x0 instead of the noise; pass the `scheduler` and `to_eps` converts their outputs to epsilon.
 
 # %%
 #| export
@@ -407,16 +408,33 @@ def _cat_conds(cs:list):
     if isinstance(cs[0], dict): return {k: _cat_conds([c[k] for c in cs]) for k in cs[0]}
     return torch.cat(cs)
 
+def to_eps(out:torch.Tensor, # UNet output for x_t
+           x_t:torch.Tensor, # the noisy input (B,C,H,W)
+           t:int|torch.Tensor, # timestep: scalar or (B,)
+           scheduler # the model's scheduler (its prediction_type and alphas_cumprod)
+          )->torch.Tensor:
+    "Convert a UNet output (epsilon, v or x0 prediction) to the noise prediction epsilon."
+    pt = scheduler.config.prediction_type
+    if pt == 'epsilon': return out
+    ab = scheduler.alphas_cumprod.to(x_t.device)[torch.as_tensor(t, device=x_t.device).long()].to(x_t.dtype)
+    a, s = ab.sqrt().view(-1, *[1] * (x_t.ndim - 1)), (1 - ab).sqrt().view(-1, *[1] * (x_t.ndim - 1))
+    if pt == 'v_prediction': return a * out + s * x_t         # v = a eps - s x0 and x_t = a x0 + s eps
+    if pt == 'sample': return (x_t - a * out) / s
+    raise DermnbError(f"unknown prediction_type {pt!r}")
+
 def predict_noise_multi(unet:nn.Module, # a diffusers UNet
                         x_t:torch.Tensor, # noisy input (B,C,H,W), shared by every condition
                         t:int|torch.Tensor, # timestep: scalar or (B,)
-                        conds:Sequence # K conditions (see `cond_kwargs`), each for batch B or 1
+                        conds:Sequence, # K conditions (see `cond_kwargs`), each for batch B or 1
+                        scheduler=None # if given, outputs are converted to epsilon (for v- or x0-prediction models)
                        )->torch.Tensor:
     "Noise predictions (K,B,C,H,W) for K conditions on the same `x_t`, in ONE batched UNet call."
     K, B = len(conds), x_t.shape[0]
     t = torch.as_tensor(t, device=x_t.device); t = t.expand(B) if t.ndim == 0 else t
     c = _cat_conds([_expand_cond(c, B, x_t.device) for c in conds])
-    return unet_eps(unet, x_t.repeat(K, 1, 1, 1), t.repeat(K), c).view(K, B, *x_t.shape[1:])
+    out = unet_eps(unet, x_t.repeat(K, 1, 1, 1), t.repeat(K), c)
+    if scheduler is not None: out = to_eps(out, x_t.repeat(K, 1, 1, 1), t.repeat(K), scheduler)
+    return out.view(K, B, *x_t.shape[1:])
 
 
 # %%
@@ -433,6 +451,12 @@ with torch.no_grad():
     test_close(mc[1], unet_eps(uc, x8, torch.tensor([3, 700]), torch.tensor([1, 2])), eps=1e-5)
 assert (mc[0] - mc[2]).abs().max() > 1e-4                          # the class does change the prediction
 test_fail(lambda: unet_eps(ut, x8, 1, None), contains='text embeddings')
+sv = make_scheduler(prediction_type='v_prediction'); x0_, n_, tv = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.tensor([20, 900])
+xt_ = sv.add_noise(x0_, n_, tv)
+test_close(to_eps(sv.get_velocity(x0_, n_, tv), xt_, tv, sv), n_, eps=1e-4)      # the true v maps to the true noise
+with torch.no_grad():
+    mv = predict_noise_multi(uc, xt_, tv, [0, 1], scheduler=sv)
+    test_close(mv[0], to_eps(unet_eps(uc, xt_, tv, 0), xt_, tv, sv), eps=1e-5)
 
 
 # %% [markdown]
@@ -920,7 +944,8 @@ except WeightsMissingError as e: assert 'stable-diffusion-2-base' in str(e) and 
 # Methods should not care whether the denoiser is the quick profile's small latent model or Stable Diffusion 2. A
 # `Backbone` bundles the UNet, the scheduler, the optional latent AE and text encoder, and offers the few operations
 # every method needs: `encode`/`decode` between pixels and the UNet's space, `cond` (captions or labels -> condition),
-# `null` (the unconditional condition), `sample` and `invert`. `Backbone.from_pipeline` wraps an SD pipeline;
+# `null` (the unconditional condition), `sample`, `invert`, and `predict_noise` (epsilon for several conditions in
+# one call, whatever the UNet predicts). `Backbone.from_pipeline` wraps an SD pipeline;
 # trained models are saved and loaded with `save`/`Backbone.load`.
 
 # %%
@@ -1016,7 +1041,15 @@ def _bb_invert(self:Backbone, x:torch.Tensor, # images in [-1,1]
     if c is None and self.kind != 'none': c = self.null(x.shape[0])
     return ddim_invert(self.unet, self.scheduler, self.encode(x), cond=c, steps=steps, return_trajectory=return_trajectory, **kw)
 
-Backbone.sample, Backbone.invert = _bb_sample, _bb_invert
+def _bb_predict_noise(self:Backbone, x_t:torch.Tensor, # noisy inputs in the UNet's space (B,C,H,W)
+                      t:int|torch.Tensor, # timestep: scalar or (B,)
+                      conds:Sequence # K conditions: captions, labels, embeddings, or None (= null)
+                     )->torch.Tensor:
+    "Noise predictions (K,B,C,H,W) as epsilon for K conditions on the same x_t, in one UNet call."
+    cs = [self.null(x_t.shape[0]) if c is None else self.cond(c) for c in conds]
+    return predict_noise_multi(self.unet, x_t.to(self.device), t, cs, scheduler=self.scheduler)
+
+Backbone.sample, Backbone.invert, Backbone.predict_noise = _bb_sample, _bb_invert, _bb_predict_noise
 
 
 # %% [markdown]
@@ -1086,6 +1119,7 @@ Backbone.from_pipeline = staticmethod(_bb_from_pipeline)
 # %%
 bc = Backbone(uc, sch, num_classes=3, image_size=8)
 test_eq(bc.kind, 'class'); test_eq(bc.cond([0, -1, 7]).tolist(), [0, 3, 3]); test_eq(bc.null(2).tolist(), [3, 3])
+with torch.no_grad(): test_close(bc.predict_noise(x8, 5, [1, None]), predict_noise_multi(uc, x8, 5, [1, 3]), eps=1e-6)
 test_eq(bc.sample(cond=[0, 1], guidance_scale=2., steps=2, generator=make_generator(0)).shape, (2, 3, 8, 8))
 ulat = make_unet('text', sample_size=2, in_channels=32, cross_attention_dim=384, block_out_channels=(32, 32), head_dim=16)
 bt = Backbone(ulat, make_scheduler(), ae=ae, text_encoder=minilm, image_size=16)
