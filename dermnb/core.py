@@ -261,13 +261,13 @@ def image_grid(images:Sequence, # images (PIL, arrays or tensors)
               ):
     "A titled grid of images, optionally with mask contours; returns the figure."
     n = len(images); ncols = min(ncols, n); nrows = max(1, -(-n // ncols))
-    fig, axs = plt.subplots(nrows, ncols, figsize=(size*ncols, size*nrows), squeeze=False)
+    # constrained layout leaves room for the suptitle and the panel titles (tight_layout lets them overlap)
+    fig, axs = plt.subplots(nrows, ncols, figsize=(size*ncols, size*nrows + (.4 if suptitle else 0)), squeeze=False, layout='constrained')
     for i, ax in enumerate(axs.flat):
         if i >= n: ax.set_axis_off(); continue
         overlay_contours(images[i], masks[i] if masks is not None else None, preds[i] if preds is not None else None,
                          ax=ax, title=titles[i] if titles is not None else None)
     if suptitle: fig.suptitle(suptitle)
-    fig.tight_layout()
     return fig
 
 def save_figure(fig, # matplotlib figure

@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_diffseg.ipynb #242c613a
 from __future__ import annotations
-import math, time
+import math, time, json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -20,9 +20,12 @@ from .metrics import ged_terms, seg_metrics
 from .segmenter import dense_crf, CRFParams
 
 # %% auto #0
-__all__ = ['LESION', 'HEALTHY', 'CLASS_NAMES', 'IMAGE_SUFFIXES', 'corner_crops', 'WeakSkinDataset', 'DiffSegConfig',
-           'diffusion_difference', 'binarize_maps', 'consistency_maps', 'output_uncertainty', 'DiffSeg', 'list_images',
-           'segment_folder', 'otsu_method', 'unet_method']
+__all__ = ['LESION', 'HEALTHY', 'CLASS_NAMES', 'IMAGE_SUFFIXES', 'WEAK_DATA', 'THRESHOLDS', 'corner_crops', 'WeakSkinDataset',
+           'DiffSegConfig', 'diffusion_difference', 'binarize_maps', 'consistency_maps', 'output_uncertainty',
+           'DiffSeg', 'list_images', 'segment_folder', 'otsu_method', 'unet_method', 'diffseg_train_config',
+           'load_diffseg_backbone', 'calibrate', 'evaluate_diffseg', 'evaluate_method', 'comparison_table',
+           'uncertainty_error_correlation', 'noise_predictions', 'plot_difference', 'plot_steps', 'plot_consistency',
+           'plot_table']
 
 # %% ../nbs/06_diffseg.ipynb #ef7cb5f7
 def corner_crops(img:Image.Image, # RGB dermoscopic image
@@ -216,3 +219,192 @@ def unet_method(net, # trained LesionUNet (see `load_segmenter`)
     "The supervised U-Net as a segmentation method."
     from dermnb.segmenter import predict_proba
     return lambda images: [{'mask': p > threshold} for p in predict_proba(net, images)]
+
+# %% ../nbs/06_diffseg.ipynb #debdaa23
+from .training import TrainConfig, train_cached, load_trained
+
+WEAK_DATA = 'diffseg-weak-v1:isic2018_task1/train(seed0)/whole-vs-corner-crops'
+
+def diffseg_train_config(profile:str='quick', # 'quick' (CPU) or 'full' (GPU, SD 2 + LoRA)
+                         **kw # TrainConfig overrides
+                        )->TrainConfig:
+    "The DiffSeg diffusion model's training config for a profile."
+    if get_profile(profile).name == 'quick':
+        base = dict(data=WEAK_DATA, space='pixel', image_size=32, cond='class', num_classes=2, channels=(32, 64, 64),
+                    attn_levels=(False, False, False), steps=2500, batch_size=32, lr=1e-3, warmup=100, ema_decay=.995,
+                    max_minutes=8., ckpt_every=250, log_every=20)
+    else:
+        base = dict(data=WEAK_DATA, space='latent', ae='sd:stabilityai/stable-diffusion-2-base', image_size=512, cond='text',
+                    base='sd:stabilityai/stable-diffusion-2-base', lora_rank=8, steps=3000, batch_size=8, lr=1e-4,
+                    mixed_precision='bf16', ckpt_every=500)
+    return TrainConfig(**{**base, **kw})
+
+def load_diffseg_backbone(profile:str='quick', # run profile
+                          root:str|Path|None=None, # data root (training data on a cache miss)
+                          device:str='auto', # device
+                          progress:bool=True, # training progress bars
+                          **kw # TrainConfig overrides
+                         )->Backbone:
+    "The trained DiffSeg backbone for a profile, training and caching it on first use."
+    cfg = diffseg_train_config(profile, **kw)
+    fn = lambda: WeakSkinDataset(get_split('isic2018_task1', 'train', root), size=cfg.image_size)
+    path = train_cached(cfg, fn, device=device, progress=progress)
+    bb = load_trained(path, device=get_device(device)); bb.cache_dir = path
+    return bb
+
+# %% ../nbs/06_diffseg.ipynb #6b52bae0
+THRESHOLDS = (None, .2, .3, .4, .5, .6)
+
+def calibrate(ds:DiffSeg, # DiffSeg with a trained backbone
+              records:Sequence[Record], # training-split records with masks
+              thresholds:Sequence=THRESHOLDS, # candidates (None = Otsu per map)
+              crf_grid:dict|None=None # DenseCRF grid, see crf_grid_search
+             )->tuple:
+    "Pick the threshold and CRF parameters by mean Dice on training images; returns (config, table)."
+    from dermnb.segmenter import crf_grid_search
+    from dermnb.core import load_mask
+    ims = [load_image(r.image) for r in records]; gts = [load_mask(r.mask) for r in records]
+    maps = ds.maps(ims)
+    rows = []
+    for th in thresholds:
+        d = [seg_metrics(binarize_maps(m.mean(0)[None], th)[0], g)['dice'] for m, g in zip(maps, gts)]
+        rows.append({'param': 'threshold', 'value': 'otsu' if th is None else th, 'dice': float(np.mean(d))})
+    tab = pd.DataFrame(rows); best = tab.dice.idxmax(); th = thresholds[best]
+    probs = []
+    for m in maps:
+        mean = m.mean(0); probs.append(_crf_prob(mean, binarize_maps(mean[None], th)[0]))
+    crf, ctab = crf_grid_search([np.asarray(i) for i in ims], probs, gts, crf_grid)
+    ctab = ctab.assign(param='crf', value=ctab.drop(columns='dice').apply(lambda r: json.dumps(r.to_dict()), axis=1))
+    return ds.cfg.replace(threshold=th, crf=crf), pd.concat([tab, ctab[['param', 'value', 'dice']]], ignore_index=True)
+
+# %% ../nbs/06_diffseg.ipynb #164a66b5
+def _rows(dataset, method, ids, masks, gts, extra=None)->list:
+    return [{'dataset': dataset, 'method': method, 'id': i, **seg_metrics(m, g), **((extra or [{}]*len(ids))[k])}
+            for k, (i, m, g) in enumerate(zip(ids, masks, gts))]
+
+def evaluate_diffseg(ds:DiffSeg, # calibrated DiffSeg
+                     records:Sequence[Record], # test records with masks
+                     dataset:str, # name for the table
+                     batch_size:int=16 # images per backbone batch
+                    )->pd.DataFrame:
+    "Per-image metrics of DiffSeg (fused, + CRF, single output), with uncertainty and GED."
+    from dermnb.core import load_mask
+    rows = []
+    for s in range(0, len(records), batch_size):
+        recs = records[s:s + batch_size]
+        ims, gts = [load_image(r.image) for r in recs], [load_mask(r.mask) for r in recs]
+        res = ds.segment(ims, crf=True, batch_size=batch_size)
+        ids = [r.id for r in recs]
+        unc = [{'uncertainty': r['uncertainty'], 'ged': ged_terms(r['outputs'], g[None])['ged']} for r, g in zip(res, gts)]
+        rows += _rows(dataset, 'DiffSeg', ids, [r['mask'] for r in res], gts, unc)
+        rows += _rows(dataset, 'DiffSeg + CRF', ids, [r['crf_mask'] for r in res], gts, unc)
+        rows += _rows(dataset, 'DiffSeg, single output', ids, [r['outputs'][0] for r in res], gts)
+    return pd.DataFrame(rows)
+
+def evaluate_method(method_fn, # images -> list of dicts with 'mask'
+                    name:str, # method name for the table
+                    records:Sequence[Record], # test records with masks
+                    dataset:str, # dataset name for the table
+                    batch_size:int=16 # images per call
+                   )->pd.DataFrame:
+    "Per-image metrics of any segmentation method."
+    from dermnb.core import load_mask
+    rows = []
+    for s in range(0, len(records), batch_size):
+        recs = records[s:s + batch_size]
+        res = method_fn([load_image(r.image) for r in recs])
+        rows += _rows(dataset, name, [r.id for r in recs], [r['mask'] for r in res], [load_mask(r.mask) for r in recs])
+    return pd.DataFrame(rows)
+
+def comparison_table(per_image:pd.DataFrame # rows from evaluate_diffseg / evaluate_method
+                    )->pd.DataFrame:
+    "Mean Dice, Jaccard, thresholded Jaccard, precision and recall per dataset and method, with n."
+    cols = ['dice', 'jaccard', 'threshold_jaccard', 'precision', 'recall']
+    t = per_image.groupby(['dataset', 'method'], sort=False)[cols].mean()
+    t['n'] = per_image.groupby(['dataset', 'method'], sort=False).size()
+    return t.reset_index()
+
+def uncertainty_error_correlation(per_image:pd.DataFrame, # rows with 'uncertainty' and 'dice'
+                                  method:str='DiffSeg + CRF' # whose error (1 - Dice) is correlated
+                                 )->pd.DataFrame:
+    "Spearman correlation between per-image uncertainty and error (1 - Dice), per dataset."
+    from scipy.stats import spearmanr
+    rows = []
+    for d, g in per_image[per_image.method == method].groupby('dataset', sort=False):
+        rho, p = spearmanr(g.uncertainty, 1 - g.dice)
+        rows.append({'dataset': d, 'method': method, 'spearman_rho': float(rho), 'p_value': float(p), 'n': len(g)})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/06_diffseg.ipynb #7c6075c0
+@torch.no_grad()
+def noise_predictions(bb:Backbone, # trained DiffSeg backbone
+                      image:Image.Image, # one image
+                      t:int=90, # noise step
+                      seed:int=0 # noise draw
+                     )->dict:
+    "Noisy input, noise predictions under 'lesion' and 'healthy skin', and their difference, at the model's size."
+    x = WeakSkinDataset._tensor(fit_square(image.convert('RGB'), bb.image_size, 'squash'))[None]
+    z0 = bb.encode(x.to(bb.device))
+    xt, tt = _noised(bb, z0, [t], [seed])
+    e = predict_noise_multi(bb.unet, xt, tt, [bb.cond([LESION]), bb.cond([HEALTHY])])
+    return {'x_t': xt[0].cpu(), 'eps_lesion': e[0, 0].cpu(), 'eps_healthy': e[1, 0].cpu(),
+            'difference': (e[0, 0] - e[1, 0]).abs().mean(0).cpu()}
+
+def _show(ax, img, title, cmap=None):
+    ax.imshow(img, cmap=cmap); ax.set_title(title, fontsize=9); ax.set_axis_off()
+
+def _eps_rgb(e:torch.Tensor)->np.ndarray:
+    "A noise prediction shown as an image (per-channel standardised)."
+    e = (e - e.mean()) / (e.std() + 1e-8)
+    return (e.clamp(-2.5, 2.5) / 5 + .5).permute(1, 2, 0).numpy()
+
+def plot_difference(bb:Backbone, ds:DiffSeg, rec:Record, t:int=90, seed:int=0):
+    "Fig. 2: image, the two noise predictions, the difference map and the segmentation."
+    import matplotlib.pyplot as plt
+    from dermnb.core import overlay_contours, load_mask
+    im = load_image(rec.image); npred = noise_predictions(bb, im, t, seed); r = ds.segment([im])[0]
+    fig, ax = plt.subplots(1, 5, figsize=(15, 3.2))
+    _show(ax[0], im, rec.id); _show(ax[1], _eps_rgb(npred['eps_lesion']), f'ε under "lesion" (t={t})')
+    _show(ax[2], _eps_rgb(npred['eps_healthy']), f'ε under "healthy skin" (t={t})')
+    _show(ax[3], npred['difference'].numpy(), '|difference| (grey)', 'gray')
+    overlay_contours(im, load_mask(rec.mask) if rec.mask else None, r['crf_mask'], ax=ax[4], title='segmentation (red) vs GT (green)')
+    fig.tight_layout(); return fig
+
+def plot_steps(ds:DiffSeg, recs:Sequence[Record], seed_index:int=0):
+    "Fig. 3: the binarised output at each noise step (one seed), per image."
+    import matplotlib.pyplot as plt
+    from dermnb.core import overlay_contours, load_mask
+    ts = ds.cfg.timesteps; ns = len(ds.cfg.seeds)
+    fig, ax = plt.subplots(len(recs), len(ts) + 1, figsize=(2.6 * (len(ts) + 1), 2.2 * len(recs)), squeeze=False)
+    for i, rec in enumerate(recs):
+        im = load_image(rec.image); r = ds.segment([im], crf=False)[0]; gt = load_mask(rec.mask) if rec.mask else None
+        _show(ax[i, 0], im, rec.id)
+        for j, t in enumerate(ts): overlay_contours(im, gt, r['outputs'][j * ns + seed_index], ax=ax[i, j + 1], title=f't = {t}')
+    fig.tight_layout(); return fig
+
+def plot_consistency(ds:DiffSeg, recs:Sequence[Record]):
+    "Fig. 4/5: consistent lesion (all outputs agree) and ambiguous regions (outputs disagree)."
+    import matplotlib.pyplot as plt
+    from dermnb.core import load_mask, overlay_contours
+    fig, ax = plt.subplots(len(recs), 4, figsize=(11, 2.3 * len(recs)), squeeze=False)
+    for i, rec in enumerate(recs):
+        im = load_image(rec.image); r = ds.segment([im], crf=False)[0]; gt = load_mask(rec.mask) if rec.mask else None
+        _show(ax[i, 0], im, rec.id)
+        overlay = np.asarray(im, np.float32) / 255; ov = overlay.copy()
+        ov[r['consistent_lesion']] = .5 * ov[r['consistent_lesion']] + .5 * np.array([1, .2, .2])
+        ov[r['ambiguous']] = .5 * ov[r['ambiguous']] + .5 * np.array([1, 1, .1])
+        _show(ax[i, 1], ov, 'consistent (red), ambiguous (yellow)')
+        _show(ax[i, 2], r['ambiguity'], f"ambiguity, uncertainty {r['uncertainty']:.2f}", 'magma')
+        overlay_contours(im, gt, r['mask'], ax=ax[i, 3], title='fused mask (red) vs GT (green)')
+    fig.tight_layout(); return fig
+
+def plot_table(table:pd.DataFrame, title:str=''):
+    "Render a comparison table as a figure."
+    import matplotlib.pyplot as plt
+    t = table.copy()
+    for c in t.select_dtypes('float'): t[c] = t[c].map(lambda v: f'{v:.3f}')
+    fig, ax = plt.subplots(figsize=(1.6 * len(t.columns), .4 * (len(t) + 2))); ax.set_axis_off()
+    tb = ax.table(cellText=t.values, colLabels=list(t.columns), loc='center', cellLoc='center'); tb.scale(1, 1.3)
+    tb.auto_set_font_size(False); tb.set_fontsize(8)
+    if title: ax.set_title(title)
+    return fig

@@ -16,18 +16,17 @@ out_dir = 'figures/metrics_sanity'
 import time
 from pathlib import Path
 import numpy as np, pandas as pd, seaborn as sns, matplotlib.pyplot as plt
-from dermnb.core import data_root as resolve_root, get_profile, load_image, load_mask, image_grid, save_figure, atomic_save, seed_everything
+from dermnb.core import data_root as resolve_root, get_profile, load_image, load_mask, image_grid, seed_everything
 from dermnb import metrics as M
+from dermnb.runner import FigureOut
 seed_everything(seed)
 root = resolve_root(data_root)
-out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+out = FigureOut(out_dir, profile, root, seed, device=device)
 sns.set_theme(style='whitegrid', context='notebook')
 # sizes per profile; quick stays within ~3 minutes on 2 CPU cores
 cfg = {'quick': dict(n_masks=20, n_fid=64, noise=(0.02, 0.05, 0.1), blur=(1.0, 2.0, 4.0), kid_subsets=50, n_edit=8),
        'full': dict(n_masks=200, n_fid=1000, noise=(0.01, 0.02, 0.05, 0.1, 0.2), blur=(0.5, 1.0, 2.0, 4.0, 8.0),
                     kid_subsets=100, n_edit=100)}[get_profile(profile).name]
-provenance = dict(profile=profile, data_root=str(root), seed=seed)
-def write_csv(df, name): return atomic_save(out/f'{name}.csv', lambda t: df.assign(**provenance).to_csv(t, index=False))
 files = M.isic2018_task1_files(root)
 t_start = time.time()
 
@@ -43,8 +42,8 @@ masks = {i: load_mask(p) for i, p in zip(pick.id, pick.mask_path)}
 xc = M.isic_crosscheck(masks)
 agreement = (xc.groupby('metric').agg(max_abs_diff=('abs_diff', 'max'), mean_dermnb=('dermnb', 'mean'), mean_isic=('isic', 'mean'),
                                       pairs=('abs_diff', 'size')).reset_index())
-write_csv(xc, 'seg_crosscheck_per_image'); write_csv(agreement, 'seg_crosscheck_agreement')
-save_figure(M.plot_seg_crosscheck(xc), out/'seg_crosscheck.png')
+out.csv(xc, 'seg_crosscheck_per_image'); out.csv(agreement, 'seg_crosscheck_agreement')
+out.png(M.plot_seg_crosscheck(xc), 'seg_crosscheck')
 agreement
 
 # %%
@@ -54,8 +53,7 @@ fig = image_grid([load_image(first.image_path)] * len(pert),
                  [f"{k}\nJaccard {s['jaccard']:.3f}  Dice {s['dice']:.3f}\nthr-Jaccard {s['threshold_jaccard']:.3f}" for k, s in scores.items()],
                  ncols=3, masks=[gt] * len(pert), preds=list(pert.values()), size=3.0,
                  suptitle=f'{first.id}: perturbed predictions (red) vs ground truth (green)')
-fig.tight_layout(rect=(0, 0, 1, 0.95))
-save_figure(fig, out/'seg_perturbations.png')
+out.png(fig, 'seg_perturbations')
 
 # %% [markdown]
 # ## FID and KID on the standard Inception
@@ -78,8 +76,8 @@ fid_summary = pd.DataFrame([dict(check='FID(A, A)', value=M.fid_from_features(fe
                             dict(check='KID(A, A) mean', value=kid_aa[0]), dict(check='KID(A, A) std', value=kid_aa[1]),
                             dict(check='FID(A, B) undegraded', value=curve.fid.iloc[0]),
                             *[dict(check=f'FID monotone in {k} level', value=float(v)) for k, v in monotone.items()]]).assign(n=cfg['n_fid'])
-write_csv(curve, 'fid_kid_degradation'); write_csv(fid_summary, 'fid_kid_summary')
-save_figure(M.plot_degradation_curve(curve), out/'fid_kid_degradation.png')
+out.csv(curve, 'fid_kid_degradation'); out.csv(fid_summary, 'fid_kid_summary')
+out.png(M.plot_degradation_curve(curve), 'fid_kid_degradation')
 fid_summary
 
 # %%
@@ -90,7 +88,7 @@ img = M.as_image_batch(load_image(set_b[0]))[0]
 levels = [(k, lv) for k in ('noise', 'blur') for lv in (0.0, *cfg[k])]
 fig = image_grid([M.degrade([img], k, lv, seed)[0] for k, lv in levels], [f'{k} σ={lv:g}' for k, lv in levels],
                  ncols=len(levels) // 2, size=2.4, suptitle='The degradations behind the curves (one test image)')
-save_figure(fig, out/'degradation_examples.png')
+out.png(fig, 'degradation_examples')
 
 # %% [markdown]
 # ## NS-LPIPS: edits inside the lesion leave it at 0, edits of the skin raise it
@@ -106,14 +104,14 @@ edits = M.edit_locality_table(edit_imgs, edit_masks, ids=list(edit_ids.id), devi
 edit_summary = edits.groupby('edit', sort=False)[['distance_whole', 'ns_lpips', 'lesion_lpips', 'l1_background', 'psnr_background',
                                                   'ssim_background', 'psnr_lesion', 'ssim_lesion']].agg(['mean', 'max'])
 edit_summary.columns = [f'{a}_{b}' for a, b in edit_summary.columns]
-write_csv(edits, 'ns_lpips_edits'); write_csv(edit_summary.reset_index(), 'ns_lpips_summary')
+out.csv(edits, 'ns_lpips_edits'); out.csv(edit_summary.reset_index(), 'ns_lpips_summary')
 edit_summary.round(4)
 
 # %%
 long = edits.melt(id_vars=['id', 'edit'], value_vars=['distance_whole', 'ns_lpips', 'lesion_lpips'], var_name='distance', value_name='value')
 g = sns.catplot(long, kind='strip', x='distance', y='value', hue='edit', dodge=True, height=3.6, aspect=1.6)
 g.set_axis_labels('', 'effnet_lpips_uncalibrated'); g.figure.suptitle(f'Edit locality on {len(edit_imgs)} real ISIC images', y=1.03)
-save_figure(g.figure, out/'ns_lpips_edits.png')
+out.png(g.figure, 'ns_lpips_edits')
 
 # %%
 x = M.as_image_batch(edit_imgs[:3]); mk = np.stack(edit_masks[:3])
@@ -124,7 +122,7 @@ titles = [t for i in range(3) for t in (f'{edit_ids.id.iloc[i]}', f"lesion tinte
                                         f"skin tinted\nwhole {row(i, 'background').distance_whole:.3f}, NS {row(i, 'background').ns_lpips:.3f}")]
 fig = image_grid(panels, titles, ncols=3, masks=[mk[i] for i in range(3) for _ in range(3)], size=2.8,
                  suptitle='NS-LPIPS ignores lesion edits and sees skin edits (lesion contour in green)')
-save_figure(fig, out/'ns_lpips_examples.png')
+out.png(fig, 'ns_lpips_examples')
 
 # %% [markdown]
 # ## GED on hand-made sample sets
@@ -134,7 +132,7 @@ save_figure(fig, out/'ns_lpips_examples.png')
 # %%
 examples = M.ged_examples(gt)
 ged_table = pd.DataFrame([{'example': k, **M.ged_terms(s, r)} for k, (s, r) in examples.items()])
-write_csv(ged_table, 'ged_examples')
-save_figure(M.plot_ged_examples(load_image(first.image_path), examples), out/'ged_examples.png')
+out.csv(ged_table, 'ged_examples')
+out.png(M.plot_ged_examples(load_image(first.image_path), examples), 'ged_examples')
 print(f'total {time.time() - t_start:.0f}s')
 ged_table

@@ -1,0 +1,51 @@
+#!/usr/bin/env python
+"""DiffSeg speed: all (t, seed) evaluations of a batch in few UNet calls vs the naive per-step loop.
+
+Prints images/s of both, their ratio (target >= 3x), and the peak resident memory of each (measured in a fresh
+subprocess, so the two do not share a high-water mark). Uses the quick profile's model shape with random weights:
+speed does not depend on training."""
+import sys, time, json, resource, subprocess, argparse
+import torch
+
+def build(args):
+    from dermnb.diffusion import Backbone, make_unet, make_scheduler
+    from dermnb.diffseg import diffseg_train_config
+    cfg = diffseg_train_config('quick')
+    lat = cfg.image_size // 8
+    unet = make_unet('class', sample_size=lat, in_channels=32, block_out_channels=cfg.channels, attn_levels=cfg.attn_levels, num_classes=2)
+    return Backbone(unet.eval(), make_scheduler(), num_classes=2, image_size=lat)   # latents given directly: no AE cost
+
+def run(mode, n, reps):
+    from dermnb.diffseg import DiffSegConfig, diffusion_difference, _noised
+    from dermnb.diffusion import predict_noise_multi, unet_eps
+    torch.manual_seed(0); torch.set_num_threads(2)
+    bb = build(None); cfg = DiffSegConfig()
+    z = torch.randn(n, 32, bb.image_size, bb.image_size)
+    lesion, healthy = bb.cond([1]), bb.cond([0])
+    def naive():
+        with torch.no_grad():
+            for i in range(n):
+                for t in cfg.timesteps:
+                    for s in cfg.seeds:
+                        x, tt = _noised(bb, z[i:i+1], [t], [s])
+                        e1 = unet_eps(bb.unet, x, tt, lesion); e0 = unet_eps(bb.unet, x, tt, healthy)
+    def batched(): diffusion_difference(bb, z, cfg.replace(sigma=0))
+    f = naive if mode == 'naive' else batched
+    f()                                       # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps): f()
+    dt = (time.perf_counter() - t0) / reps
+    return {'mode': mode, 'images_per_s': n / dt, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            'unet_evals_per_image': 2 * len(cfg.timesteps) * len(cfg.seeds)}
+
+if __name__ == '__main__':
+    ap = argparse.ArgumentParser(); ap.add_argument('--n', type=int, default=16); ap.add_argument('--reps', type=int, default=2)
+    ap.add_argument('--mode'); a = ap.parse_args()
+    if a.mode: print(json.dumps(run(a.mode, a.n, a.reps))); sys.exit()
+    res = {}
+    for mode in ('naive', 'batched'):
+        out = subprocess.run([sys.executable, __file__, '--mode', mode, '--n', str(a.n), '--reps', str(a.reps)], capture_output=True, text=True, check=True)
+        res[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = res[mode]; print(f"{mode:>8}: {r['images_per_s']:.2f} images/s, peak RSS {r['peak_rss_mb']:.0f} MB, {r['unet_evals_per_image']} UNet evaluations per image")
+    ratio = res['batched']['images_per_s'] / res['naive']['images_per_s']
+    print(f"speed ratio batched/naive: {ratio:.2f}x (target >= 3x) -> {'OK' if ratio >= 3 else 'BELOW TARGET'}")
