@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import DermnbError, PROFILES
 
 # %% auto #0
-__all__ = ['cmd_data_summary', 'cmd_figures', 'cmd_eval_seg', 'cmd_eval_fid', 'build_parser', 'main']
+__all__ = ['cmd_data_summary', 'cmd_figures', 'cmd_eval_seg', 'cmd_eval_fid', 'cmd_segment', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #1be7f98f
 def _fmt_counts(d:dict, width:int=78)->str:
@@ -68,6 +68,23 @@ def cmd_eval_fid(args)->int:
     from dermnb.metrics import eval_fid_folders
     _print_result(eval_fid_folders(args.dir_a, args.dir_b, device=args.device), args.json); return 0
 
+# %% ../nbs/11_cli.ipynb #70739cea
+def cmd_segment(args)->int:
+    "Segment a folder of images with DiffSeg, the supervised U-Net or Otsu."
+    from dermnb.diffseg import segment_folder, otsu_method, unet_method, load_diffseg, diffseg_method
+    if args.method == 'otsu': fn = otsu_method
+    elif args.method == 'unet':
+        from dermnb.segmenter import load_segmenter, SegmenterConfig
+        print('loading the supervised U-Net (trained and cached on first use) ...', file=sys.stderr)
+        fn = unet_method(load_segmenter(SegmenterConfig.for_profile(args.profile), args.root, args.device))
+    else:
+        print('loading DiffSeg (trained and calibrated on first use) ...', file=sys.stderr)
+        fn = diffseg_method(load_diffseg(args.profile, args.root, args.device), crf=args.crf)
+    if args.uncertainty and args.method != 'diffseg': print('note: --uncertainty applies to diffseg only', file=sys.stderr)
+    tab = segment_folder(fn, args.images, args.out, uncertainty=args.uncertainty and args.method == 'diffseg')
+    print(f'segment: {len(tab)} masks written to {args.out}')
+    return 0
+
 # %% ../nbs/11_cli.ipynb #ff63c8ad
 def build_parser()->argparse.ArgumentParser:
     "The `dermnb` argument parser with all subcommands."
@@ -98,6 +115,15 @@ def build_parser()->argparse.ArgumentParser:
     e = ev.add_parser('fid', help='FID and KID (standard Inception) between two image folders')
     e.add_argument('dir_a'); e.add_argument('dir_b'); e.add_argument('--device', default='auto'); e.add_argument('--json', action='store_true')
     e.set_defaults(fn=cmd_eval_fid)
+
+    g = sub.add_parser('segment', help='segment a folder of images (<stem>_segmentation.png, input size)')
+    g.add_argument('--method', choices=['diffseg', 'unet', 'otsu'], default='diffseg')
+    g.add_argument('--images', required=True, help='input image folder'); g.add_argument('--out', required=True, help='output folder')
+    g.add_argument('--profile', choices=sorted(PROFILES), default='quick'); g.add_argument('--root', help='data root for training (default $DERMNB_DATA)')
+    g.add_argument('--device', default='auto')
+    g.add_argument('--crf', action=argparse.BooleanOptionalAction, default=True, help='DenseCRF refinement (diffseg)')
+    g.add_argument('--uncertainty', action='store_true', help='also write ambiguity maps and uncertainty.csv (diffseg)')
+    g.set_defaults(fn=cmd_segment)
     return p
 
 def main(argv:list|None=None # arguments (default sys.argv[1:])

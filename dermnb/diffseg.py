@@ -25,7 +25,7 @@ __all__ = ['LESION', 'HEALTHY', 'CLASS_NAMES', 'IMAGE_SUFFIXES', 'WEAK_DATA', 'T
            'DiffSeg', 'list_images', 'segment_folder', 'otsu_method', 'unet_method', 'diffseg_train_config',
            'load_diffseg_backbone', 'calibrate', 'evaluate_diffseg', 'evaluate_method', 'comparison_table',
            'uncertainty_error_correlation', 'noise_predictions', 'plot_difference', 'plot_steps', 'plot_consistency',
-           'plot_table']
+           'plot_table', 'load_diffseg', 'diffseg_method']
 
 # %% ../nbs/06_diffseg.ipynb #ef7cb5f7
 def corner_crops(img:Image.Image, # RGB dermoscopic image
@@ -231,8 +231,8 @@ def diffseg_train_config(profile:str='quick', # 'quick' (CPU) or 'full' (GPU, SD
     "The DiffSeg diffusion model's training config for a profile."
     if get_profile(profile).name == 'quick':
         base = dict(data=WEAK_DATA, space='pixel', image_size=32, cond='class', num_classes=2, channels=(32, 64, 64),
-                    attn_levels=(False, False, False), steps=2500, batch_size=32, lr=1e-3, warmup=100, ema_decay=.995,
-                    max_minutes=8., ckpt_every=250, log_every=20)
+                    attn_levels=(False, False, False), steps=500, batch_size=32, lr=1e-3, warmup=50, ema_decay=.995,
+                    max_minutes=15., ckpt_every=100, log_every=10)
     else:
         base = dict(data=WEAK_DATA, space='latent', ae='sd:stabilityai/stable-diffusion-2-base', image_size=512, cond='text',
                     base='sd:stabilityai/stable-diffusion-2-base', lora_rank=8, steps=3000, batch_size=8, lr=1e-4,
@@ -408,3 +408,33 @@ def plot_table(table:pd.DataFrame, title:str=''):
     tb.auto_set_font_size(False); tb.set_fontsize(8)
     if title: ax.set_title(title)
     return fig
+
+# %% ../nbs/06_diffseg.ipynb #46ec71df
+def load_diffseg(profile:str='quick', # run profile
+                 root:str|Path|None=None, # data root (training and calibration data on a cache miss)
+                 device:str='auto', # device
+                 n_calibration:int=64, # training-split images used to choose threshold and CRF
+                 progress:bool=True # progress bars while training
+                )->DiffSeg:
+    "The trained and calibrated DiffSeg of a profile (both cached)."
+    from dermnb.core import cached_dir
+    bb = load_diffseg_backbone(profile, root, device, progress)
+    base = DiffSegConfig()
+    key = {'model': bb.cache_dir.name, 'config': base.to_dict(), 'n_calibration': n_calibration, 'split_seed': 0}
+    def build(d):
+        cfg, tab = calibrate(DiffSeg(bb, base), get_split('isic2018_task1', 'train', root)[:n_calibration])
+        (d/'calibration.json').write_text(json.dumps(cfg.to_dict())); tab.to_csv(d/'calibration.csv', index=False)
+    d = cached_dir('diffseg-calibration', key, build)
+    c = json.loads((d/'calibration.json').read_text())
+    cfg = base.replace(threshold=c['threshold'], crf=CRFParams.from_dict(c['crf']))
+    ds = DiffSeg(bb, cfg); ds.calibration = pd.read_csv(d/'calibration.csv')
+    return ds
+
+def diffseg_method(ds:DiffSeg, # calibrated DiffSeg
+                   crf:bool=True # refine with DenseCRF
+                  ):
+    "DiffSeg as a segmentation method: mask, ambiguity map and uncertainty per image."
+    def fn(images):
+        return [{'mask': r['crf_mask'] if crf else r['mask'], 'ambiguity': r['ambiguity'], 'uncertainty': r['uncertainty']}
+                for r in ds.segment(images, crf=crf)]
+    return fn
