@@ -15,8 +15,21 @@
 # | **LesionGen** | concept-rich captions from expert annotations, text-to-image LoRA fine-tuning, classifiers on synthetic images |
 # | **SkinDualGen** | text-to-image diffusion with LoRA that generates an image and its lesion mask in one pass |
 #
-# All four share one backbone: data (`01_data`), metrics (`02_metrics`), diffusion sampling/inversion/h-space/LoRA
-# (`03_diffusion`) and CLIP (`04_clip`). Status of each part: see the issue notes and `figures/README.md`.
+# All four share one backbone, one notebook per concern:
+#
+# | notebook | module | what |
+# |---|---|---|
+# | `00_core` | `dermnb.core` | profiles, configs with stable hashes, seeding, devices, atomic cache, image I/O, plots |
+# | `01_data` | `dermnb.data` | ISIC 2017/2018/2019, PH2, Derm7pt, ENHANCE loaders; records, joins, leak-free splits, torch datasets |
+# | `02_metrics` | `dermnb.metrics` | Dice/IoU/ISIC thresholded Jaccard (checked against the official scorer), FID/KID, LPIPS-style and NS-LPIPS, GED |
+# | `03_diffusion`, `03a_training` | `dermnb.diffusion`, `dermnb.training` | TAEF2/SD autoencoders, DDIM sampling and inversion, h-space hook, multi-condition noise prediction, LoRA, SD pipelines, the trainer |
+# | `04_clip` | `dermnb.clip` | one CLIP interface over open_clip and DermCLIP; S_dir and the directional CLIP loss |
+# | `05_segmenter` | `dermnb.segmenter` | supervised U-Net (pretrained EfficientNet-Lite0 encoder), Otsu, DenseCRF |
+# | `06_diffseg` | `dermnb.diffseg` | DiffSeg: weakly supervised segmentation from diffusion difference |
+# | `10_runner`, `11_cli` | `dermnb.runner`, `dermnb.cli` | the papermill figure runner and the `dermnb` command |
+#
+# CPDE, LesionGen and SkinDualGen build on the same modules (see the issues). What each figure measured, including
+# where it falls short of its paper, is in `figures/README.md` and the figure folders.
 
 # %% [markdown]
 # ## Install and run
@@ -34,8 +47,11 @@
 # `make figures FIGS=data_overview` (one figure). The command line has the same jobs:
 #
 # ```sh
-# dermnb data summary [--root DIR] [--json]
+# dermnb data summary [--root DIR] [--json]                 # counts, splits, labels, concepts per dataset
 # dermnb figures [NAME ...] --profile quick|full [--out figures/]
+# dermnb eval seg --pred DIR --gt DIR [--json] [--csv F]   # Dice, Jaccard, thresholded Jaccard, ...
+# dermnb eval fid DIR_A DIR_B [--json]                      # FID and KID on the standard Inception
+# dermnb segment --method diffseg|unet|otsu --images DIR --out DIR [--crf/--no-crf] [--uncertainty]
 # ```
 #
 # Profiles: `quick` runs on a CPU in minutes with small models trained here on the real data; `full` uses a GPU,
