@@ -2,32 +2,31 @@
 """DiffSeg speed: all (t, seed) evaluations of a batch in few UNet calls vs the naive per-step loop.
 
 Prints images/s of both, their ratio (target >= 3x), and the peak resident memory of each (measured in a fresh
-subprocess, so the two do not share a high-water mark). Uses the quick profile's model shape with random weights:
+subprocess, so the two do not share a high-water mark). Uses the quick profile's DiffSeg model with random weights:
 speed does not depend on training."""
 import sys, time, json, resource, subprocess, argparse
 import torch
 
 def build(args):
-    from dermnb.diffusion import Backbone, make_unet, make_scheduler
+    "The quick profile's DiffSeg model (random weights; speed does not depend on training)."
+    from dermnb.training import build_backbone
     from dermnb.diffseg import diffseg_train_config
-    cfg = diffseg_train_config('quick')
-    lat = cfg.image_size // 8
-    unet = make_unet('class', sample_size=lat, in_channels=32, block_out_channels=cfg.channels, attn_levels=cfg.attn_levels, num_classes=2)
-    return Backbone(unet.eval(), make_scheduler(), num_classes=2, image_size=lat)   # latents given directly: no AE cost
+    bb, _ = build_backbone(diffseg_train_config('quick'), 'cpu')
+    bb.unet.eval(); return bb
 
 def run(mode, n, reps):
     from dermnb.diffseg import DiffSegConfig, diffusion_difference, _noised
     from dermnb.diffusion import predict_noise_multi, unet_eps
     torch.manual_seed(0); torch.set_num_threads(2)
     bb = build(None); cfg = DiffSegConfig()
-    z = torch.randn(n, 32, bb.image_size, bb.image_size)
+    z = torch.rand(n, 3, bb.image_size, bb.image_size) * 2 - 1     # images at the model's input size
     lesion, healthy = bb.cond([1]), bb.cond([0])
     def naive():
         with torch.no_grad():
             for i in range(n):
                 for t in cfg.timesteps:
                     for s in cfg.seeds:
-                        x, tt = _noised(bb, z[i:i+1], [t], [s])
+                        x, tt = _noised(bb, bb.encode(z[i:i+1]), [t], [s])
                         e1 = unet_eps(bb.unet, x, tt, lesion); e0 = unet_eps(bb.unet, x, tt, healthy)
     def batched(): diffusion_difference(bb, z, cfg.replace(sigma=0))
     f = naive if mode == 'naive' else batched

@@ -66,7 +66,7 @@ def dense_crf(image, # HxWx3 uint8 array or PIL image
     crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(np.stack([1 - p, p]))))
     crf.addPairwiseGaussian(sxy=params.sxy_gaussian, compat=params.compat_gaussian)
     crf.addPairwiseBilateral(sxy=params.sxy_bilateral, srgb=params.srgb, rgbim=img, compat=params.compat_bilateral)
-    q = np.array(crf.inference(params.iters)).reshape(2, h, w)
+    q = np.array(crf.inference(int(params.iters))).reshape(2, h, w)
     return q[1]
 
 # %% ../nbs/05_segmenter.ipynb #577ec50d
