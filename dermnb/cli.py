@@ -9,7 +9,8 @@ from pathlib import Path
 from .core import DermnbError, PROFILES
 
 # %% auto #0
-__all__ = ['cmd_data_summary', 'cmd_figures', 'cmd_eval_seg', 'cmd_eval_fid', 'cmd_segment', 'build_parser', 'main']
+__all__ = ['cmd_data_summary', 'cmd_figures', 'cmd_eval_seg', 'cmd_eval_fid', 'cmd_segment', 'cmd_train_base', 'cmd_generate',
+           'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #1be7f98f
 def _fmt_counts(d:dict, width:int=78)->str:
@@ -85,6 +86,28 @@ def cmd_segment(args)->int:
     print(f'segment: {len(tab)} masks written to {args.out}')
     return 0
 
+# %% ../nbs/11_cli.ipynb #76074af4
+def cmd_train_base(args)->int:
+    "Train or refresh the cached base model of a profile."
+    from dermnb.training import base_config, base_dataset, train_cached, load_base_model
+    if args.profile == 'full': load_base_model('full', device=args.device); print('full profile: Stable Diffusion found'); return 0
+    cfg = base_config(args.profile, args.seed)
+    print(f'base model {cfg.hash()}: {cfg.space} {cfg.cond}-conditional, {cfg.image_size} px, budget {cfg.max_minutes} min', file=sys.stderr)
+    path = train_cached(cfg, lambda: base_dataset(cfg.image_size, 'train', args.root, args.seed), device=args.device, refresh=args.refresh)
+    print(f'base model cached at {path}')
+    return 0
+
+def cmd_generate(args)->int:
+    "Sample the base model into a folder of PNGs."
+    from dermnb.training import load_base_model, generate
+    from dermnb.core import save_image
+    bb = load_base_model(args.profile, args.root, device=args.device)
+    x = generate(bb, [''] * args.n, seed=args.seed)
+    out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(x): save_image(((im.float().cpu() + 1) / 2).clamp(0, 1), out/f'base_{args.seed}_{i:05d}.png')
+    print(f'generate: {len(x)} images written to {out}')
+    return 0
+
 # %% ../nbs/11_cli.ipynb #ff63c8ad
 def build_parser()->argparse.ArgumentParser:
     "The `dermnb` argument parser with all subcommands."
@@ -124,6 +147,17 @@ def build_parser()->argparse.ArgumentParser:
     g.add_argument('--crf', action=argparse.BooleanOptionalAction, default=True, help='DenseCRF refinement (diffseg)')
     g.add_argument('--uncertainty', action='store_true', help='also write ambiguity maps and uncertainty.csv (diffseg)')
     g.set_defaults(fn=cmd_segment)
+
+    tr = sub.add_parser('train', help='train cached models').add_subparsers(dest='train_cmd', required=True)
+    t = tr.add_parser('base', help='train or refresh the shared base model of a profile')
+    t.add_argument('--profile', choices=sorted(PROFILES), default='quick'); t.add_argument('--root'); t.add_argument('--seed', type=int, default=0)
+    t.add_argument('--device', default='auto'); t.add_argument('--refresh', action='store_true', help='retrain even if cached')
+    t.set_defaults(fn=cmd_train_base)
+    gen = sub.add_parser('generate', help='sample a model into a folder of PNGs')
+    gen.add_argument('--method', choices=['base'], default='base'); gen.add_argument('--n', type=int, required=True)
+    gen.add_argument('--out', required=True); gen.add_argument('--seed', type=int, default=0)
+    gen.add_argument('--profile', choices=sorted(PROFILES), default='quick'); gen.add_argument('--root'); gen.add_argument('--device', default='auto')
+    gen.set_defaults(fn=cmd_generate)
     return p
 
 def main(argv:list|None=None # arguments (default sys.argv[1:])
