@@ -6,10 +6,10 @@
 2. Sampling images/s of the backbone (DDIM with classifier-free guidance, plus the TAEF2 decode).
 3. Peak memory of each (max RSS on CPU, max allocated on CUDA), each part in its own process.
 
-Run: .venv/bin/python benchmarks/diffusion_train.py [--config base|pixel] [--steps 20] [--threads 1] [--device cpu]
+Run: .venv/bin/python benchmarks/diffusion_train.py [--config base|pixel] [--steps 30] [--repeats 3] [--threads 1] [--device cpu]
 Needs $DERMNB_DATA (TAEF2 weights and the first training images).
 """
-import argparse, json, os, resource, subprocess, sys, tempfile, time
+import argparse, json, os, resource, statistics, subprocess, sys, tempfile, time
 import torch
 
 
@@ -70,9 +70,10 @@ PARTS = {'ours': part_ours, 'plain': part_plain, 'sample': part_sample}
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--config', default='base', choices=['base', 'pixel'])
-    ap.add_argument('--steps', type=int, default=20)
+    ap.add_argument('--steps', type=int, default=30)
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--device', default='cpu')
+    ap.add_argument('--repeats', type=int, default=3)
     ap.add_argument('--part', default=None, choices=list(PARTS))
     a = ap.parse_args()
     if a.part:                                                # one measurement, in this process
@@ -84,16 +85,20 @@ if __name__ == '__main__':
         r = PARTS[a.part](cfg, a.steps, dev)
         print(json.dumps({**r, 'peak_mb': peak_mb(dev)}))
         sys.exit(0)
-    res = {}
-    for part in ('plain', 'ours', 'sample'):
+    def run(part):
         out = subprocess.run([sys.executable, __file__, '--part', part, '--config', a.config, '--steps', str(a.steps),
                               '--threads', str(a.threads), '--device', a.device], capture_output=True, text=True)
         if out.returncode: sys.exit(f"{part} failed:\n{out.stderr[-2000:]}")
-        res[part] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"config={a.config} device={a.device} threads={a.threads} steps={a.steps}")
-    for k, v in res.items(): print(f"  {k:6s}: {v}")
-    ratio = res['ours']['images_per_s'] / res['plain']['images_per_s']
-    print(f"training images/s  ours {res['ours']['images_per_s']:.1f}  plain diffusers loop {res['plain']['images_per_s']:.1f}"
-          f"  ratio {ratio:.2f} (target >= 0.9)")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    # a shared machine's speed drifts: alternate the two loops and take the median of the paired ratios
+    pairs = [(run('plain'), run('ours')) for _ in range(a.repeats)]
+    ratios = sorted(o['images_per_s'] / p['images_per_s'] for p, o in pairs)
+    res = {'plain': pairs[0][0], 'ours': pairs[0][1], 'sample': run('sample')}
+    print(f"config={a.config} device={a.device} threads={a.threads} steps={a.steps} repeats={a.repeats}")
+    for i, (p_, o) in enumerate(pairs):
+        print(f"  pair {i}: plain {p_['images_per_s']:.1f} images/s, ours {o['images_per_s']:.1f} images/s, ratio {o['images_per_s'] / p_['images_per_s']:.2f}")
+    ratio = ratios[len(ratios) // 2]
+    print(f"training images/s  ours {statistics.median(o['images_per_s'] for _, o in pairs):.1f}  plain diffusers loop "
+          f"{statistics.median(p_['images_per_s'] for p_, _ in pairs):.1f}  median paired ratio {ratio:.2f} (target >= 0.9)")
     print(f"sampling images/s  {res['sample']['images_per_s']:.2f} (DDIM {res['sample']['ddim_steps']} steps, guidance 2, decoded)")
     print(f"peak memory MB     plain {res['plain']['peak_mb']:.0f}  ours {res['ours']['peak_mb']:.0f}  sampling {res['sample']['peak_mb']:.0f}")

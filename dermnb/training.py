@@ -359,7 +359,7 @@ def _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1., (s + 1) / max(1, cfg.warmup)))
     amp = _amp(cfg, dev)
     scaler = torch.amp.GradScaler('cuda', enabled=amp == torch.float16)
-    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2/3) if cfg.ema_decay > 0 else None
+    ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2/3, foreach=True) if cfg.ema_decay > 0 else None
     st = TrainState(params, names, opt, sched, ema, scaler, torch.Generator().manual_seed(cfg.seed), bb.ae)
     step, elapsed, rows = 0, 0., []
     if saved:
