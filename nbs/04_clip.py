@@ -846,7 +846,7 @@ def caption_bank(model:DermCLIP, # model whose locked text transformer runs
 # %%
 m0 = build_dermclip(tiny_cfg.replace(views=2))
 st8 = precompute_stems(m0, tr[:8], tiny_cfg.replace(views=2))
-test_eq(st8.shape, (8, 2, 112, 8, 8)); test_eq(st8.dtype, torch.float16)
+test_eq(st8.shape, (8, 2, 192, 4, 4)); test_eq(st8.dtype, torch.float16)     # 3 unlocked layers: stems end after block 13
 with torch.no_grad():                                  # view 0 is the stem of the plain image
     e = dermclip_encoder(m0, tiny_cfg); px = e.pixels(DermDataset(tr[:2], 128, 'squash', with_mask=False)[1]['image'][None])
     test_close(m0.visual.stem(px)[0].half().float(), st8[1, 0].float(), eps=1e-2)
