@@ -92,7 +92,8 @@ def cmd_train_base(args)->int:
     from dermnb.training import base_config, base_dataset, train_cached, load_base_model
     if args.profile == 'full': load_base_model('full', device=args.device); print('full profile: Stable Diffusion found'); return 0
     cfg = base_config(args.profile, args.seed)
-    print(f'base model {cfg.hash()}: {cfg.space} {cfg.cond}-conditional, {cfg.image_size} px, budget {cfg.max_minutes} min', file=sys.stderr)
+    print(f'base model {cfg.hash()}: {cfg.space} {cfg.cond}-conditional, {cfg.image_size} px, {cfg.steps} steps of {cfg.batch_size} '
+          f'(about {PROFILES[args.profile].train_minutes:g} min on 2 CPU cores; safety cap {cfg.max_minutes:g} min)', file=sys.stderr)
     path = train_cached(cfg, lambda: base_dataset(cfg.image_size, 'train', args.root, args.seed), device=args.device, refresh=args.refresh)
     print(f'base model cached at {path}')
     return 0

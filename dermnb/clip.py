@@ -29,9 +29,9 @@ __all__ = ['OPEN_CLIP_FILES', 'TRAIN_DATASETS', 'LITE_MEAN', 'LITE_STD', 'ZS_TEM
            'minilm_dir', 'LiteImageTower', 'calibrate_bn', 'MiniLMTextTower', 'minilm_tokenizer', 'DermCLIP',
            'DermCLIPConfig', 'dermclip_config', 'build_dermclip', 'dermclip_encoder', 'dermclip_records', 'dihedral',
            'precompute_stems', 'caption_variants', 'caption_bank', 'fit_dermclip', 'trained_state',
-           'load_trained_state', 'train_dermclip', 'load_dermclip', 'zero_shot_weights', 'balanced_accuracy',
-           'retrieval_recall', 'retrieval_chance', 'eval_sets', 'evaluate_clip', 'dermclip_table', 'text_direction',
-           'clip_direction_similarity', 'directional_clip_loss']
+           'load_trained_state', 'untrained_dermclip', 'train_dermclip', 'load_dermclip', 'zero_shot_weights',
+           'balanced_accuracy', 'retrieval_recall', 'retrieval_chance', 'eval_sets', 'evaluate_clip', 'dermclip_table',
+           'text_direction', 'clip_direction_similarity', 'directional_clip_loss']
 
 # %% ../nbs/04_clip.ipynb #4a92c9b6
 class ClipEncoder(nn.Module):
@@ -594,16 +594,25 @@ def _pixel_batches(model:DermCLIP, recs:Sequence[Record], cfg:DermCLIPConfig, n:
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size)
     return [enc.pixels(b['image']).to(model.logit_scale.device) for b in dl]
 
+def untrained_dermclip(cfg:DermCLIPConfig, # the config (pretrained or random towers)
+                       recs:Sequence[Record], # training records (random towers calibrate their BatchNorm on them)
+                       device:str|torch.device='cpu' # device of the model
+                      )->DermCLIP:
+    "A DermCLIP before contrastive training: built for `cfg`, with random towers' BatchNorm statistics calibrated."
+    model = build_dermclip(cfg).to(get_device(device))
+    if not cfg.pretrained: calibrate_bn(model.visual, _pixel_batches(model, recs, cfg))
+    return model
+
 def train_dermclip(cfg:DermCLIPConfig, # what to train
                    root:str|Path|None=None, # data root
                    device:str|torch.device='cpu', # device to train on
                    log:Callable|None=print # progress callback(str)
                   )->tuple:
     "Build (calibrating random towers' BatchNorm), precompute and train a DermCLIP; returns (model, info) with history and timings."
-    t0, c0 = time.time(), time.process_time(); model = build_dermclip(cfg).to(get_device(device))
+    t0, c0 = time.time(), time.process_time()
     recs = dermclip_records(cfg, 'train', root)
     if not recs: raise DataError(f"No labelled training records in {cfg.datasets} under {data_root(root)}")
-    if not cfg.pretrained: calibrate_bn(model.visual, _pixel_batches(model, recs, cfg))
+    model = untrained_dermclip(cfg, recs, device)
     stems = precompute_stems(model, recs, cfg, log=log); t1 = time.time()
     texts, feats, idx = caption_bank(model, recs, cfg); t2 = time.time()
     hist = fit_dermclip(model, stems, feats, idx, cfg, log=log); t3 = time.time()
@@ -756,11 +765,13 @@ def dermclip_table(profile:str='quick', # run profile
                    n_retrieval:int=1000, # retrieval pool size
                    log:Callable|None=print # progress callback(str)
                   )->pd.DataFrame:
-    "The DermCLIP table: trained, pretrained-untuned and random-tower DermCLIP, plus chance."
-    cfg = dermclip_config(profile, split_seed=seed, seed=seed)
+    "The DermCLIP table: pretrained or random towers, each before and after contrastive training, plus chance."
+    cfg = dermclip_config(profile, split_seed=seed, seed=seed); rnd = cfg.replace(pretrained=False)
+    recs = dermclip_records(cfg, 'train', root)
     models = {'DermCLIP (trained)': load_dermclip(cfg, root=root, device=device, log=log),
-              'pretrained, untuned': dermclip_encoder(build_dermclip(cfg), cfg).to(get_device(device)),
-              'random towers (trained)': load_dermclip(cfg.replace(pretrained=False), root=root, device=device, log=log)}
+              'pretrained, untuned': dermclip_encoder(untrained_dermclip(cfg, recs, device), cfg),
+              'random towers (trained)': load_dermclip(rnd, root=root, device=device, log=log),
+              'random towers, untuned': dermclip_encoder(untrained_dermclip(rnd, recs, device), rnd)}
     df = evaluate_clip(models, root, seed, n_retrieval, chance=True)
     info = {k: json.loads((m.cache_dir/'train_info.json').read_text()) for k, m in models.items() if hasattr(m, 'cache_dir')}
     df['train_seconds'] = [info[k]['seconds']['total'] if k in info else 0. for k in models] + [float('nan')]

@@ -37,7 +37,7 @@ class FigureOut:
         return atomic_save(self.dir/f'{name}.csv', lambda t: df.to_csv(t, index=False))
 
 # %% ../nbs/10_runner.ipynb #00d5cd70
-FIGURE_ORDER = ['data_overview', 'metrics_sanity', 'dermclip', 'backbone', 'diffseg', 'cpde', 'lesiongen', 'skindualgen']
+FIGURE_ORDER = ['data_overview', 'metrics_sanity', 'backbone', 'diffseg', 'cpde', 'lesiongen', 'skindualgen']
 
 def project_root()->Path:
     "The repository root (the folder holding settings.ini), for an editable install or a checkout."

@@ -23,11 +23,11 @@ from .diffusion import (Backbone, make_unet, make_scheduler, load_ae, load_text_
                               unet_eps, ddim_sample, add_lora, save_lora, load_lora, LORA_FILE)
 
 # %% auto #0
-__all__ = ['RESUME_FREE', 'BASE_DATASETS', 'TrainConfig', 'check_config', 'build_backbone', 'save_checkpoint', 'load_checkpoint',
-           'TrainData', 'prepare_data', 'batch_indices', 'draw_batch', 'TrainState', 'check_resume', 'find_checkpoint',
-           'TrainingDivergedError', 'data_cache_key', 'train_diffusion', 'load_trained', 'train_cached', 'base_config',
-           'base_dataset', 'load_base_model', 'pixel_config', 'generate', 'fid_kid', 'backbone_comparison',
-           'inversion_error', 'taef2_psnr']
+__all__ = ['RESUME_FREE', 'BASE_DATASETS', 'QUICK_BASE_STEPS', 'TrainConfig', 'check_config', 'build_backbone', 'save_checkpoint',
+           'load_checkpoint', 'TrainData', 'prepare_data', 'batch_indices', 'draw_batch', 'TrainState', 'check_resume',
+           'find_checkpoint', 'TrainingDivergedError', 'data_cache_key', 'TrainProgress', 'train_diffusion',
+           'load_trained', 'train_cached', 'base_config', 'base_dataset', 'load_base_model', 'pixel_config', 'generate',
+           'fid_kid', 'backbone_comparison', 'inversion_error', 'taef2_psnr']
 
 # %% ../nbs/03a_training.ipynb #dcbe7a8b
 @dataclass(frozen=True)
@@ -63,12 +63,13 @@ class TrainConfig(Config):
     mixed_precision:str='no'       # 'no', 'fp16' or 'bf16'; only used on CUDA
     max_minutes:float=0.           # training-loop time budget, minutes (0 = none); checkpoint and stop when spent
     snapshot_minutes:tuple=()      # also save the EMA model after these many minutes of training (snapshots/<m>min)
+    snapshot_steps:tuple=()        # also save the EMA model after these optimizer steps (snapshots/step<k>); reproducible
     ckpt_every:int=500             # checkpoint interval, steps
     keep_ckpts:int=2               # checkpoints kept
     log_every:int=10               # loss-curve interval, steps
     seed:int=0                     # seeds the weights, data order, noise and dropout
 
-RESUME_FREE = ('steps', 'max_minutes', 'snapshot_minutes', 'ckpt_every', 'keep_ckpts', 'log_every')
+RESUME_FREE = ('steps', 'max_minutes', 'snapshot_minutes', 'snapshot_steps', 'ckpt_every', 'keep_ckpts', 'log_every')
 
 # %% ../nbs/03a_training.ipynb #1370e4bf
 def check_config(cfg:TrainConfig # the config to validate
@@ -406,6 +407,32 @@ def _save_model(cfg, bb, st, out, info=None):
     if st.ema is not None: st.ema.restore(st.params)
 
 # %% ../nbs/03a_training.ipynb #0e0cd43f
+class TrainProgress:
+    "Progress bar of a run: over the time budget when it has one (so the ETA is real), else over the steps."
+    def __init__(self, cfg:TrainConfig, # the run's config (`max_minutes`, `steps`)
+                 step:int=0, # step the run starts from (resumed runs)
+                 elapsed:float=0., # training seconds already spent (resumed runs)
+                 enabled:bool=True # show the bar
+                ):
+        self.budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else 0.
+        total, initial = (round(self.budget), min(round(elapsed), round(self.budget))) if self.budget else (cfg.steps, step)
+        self.bar = tqdm(total=total, initial=initial, unit='s' if self.budget else 'step', leave=False, disable=not enabled,
+                        desc=f'train ({cfg.max_minutes:g} min budget)' if self.budget else 'train',
+                        bar_format='{l_bar}{bar}| {n:.0f}/{total:.0f} s [ETA {remaining}{postfix}]' if self.budget else None)
+
+    def update(self, step:int, # steps done
+               elapsed:float, # training seconds spent
+               loss:float|None=None # latest logged loss
+              ):
+        "Move the bar to `step` / `elapsed` and show the step count and loss."
+        if self.budget: self.bar.n = min(elapsed, self.budget)
+        else: self.bar.n = step
+        post = {'step': step, **({'loss': f'{loss:.4f}'} if loss is not None else {})}
+        self.bar.set_postfix(post, refresh=False); self.bar.refresh()
+
+    def close(self): self.bar.close()
+
+# %% ../nbs/03a_training.ipynb #6298770a
 def train_diffusion(cfg:TrainConfig, # what to train
                     dataset, # torch Dataset of dicts: 'image' (3,S,S) in [-1,1], 'label', 'caption'
                     out_dir:str|Path, # run folder: checkpoints/, loss.csv, train_state.json, model/ (or lora/)
@@ -424,22 +451,28 @@ def train_diffusion(cfg:TrainConfig, # what to train
     start_step, stopped, t_loop = step, 'done', time.time()
     elapsed = lambda: S['elapsed'] + time.time() - t_loop          # training-loop time, summed over resumed runs
     last = min(stop_at if stop_at is not None else cfg.steps, cfg.steps)
-    bar = tqdm(total=cfg.steps, initial=step, desc='train', disable=not progress, leave=False)
-    acc, nacc = 0., 0
+    bar = TrainProgress(cfg, step, S['elapsed'], progress)
+    acc, nacc, loss = 0., 0, None
     while step < last:
-        acc += _opt_step(cfg, bb, st, data, dev, amp, step); nacc += 1; step += 1; bar.update()
+        acc += _opt_step(cfg, bb, st, data, dev, amp, step); nacc += 1; step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            rows.append({'step': step, 'loss': acc / nacc, 'lr': st.sched.get_last_lr()[0], 'elapsed_s': round(elapsed(), 3),
+            loss = acc / nacc
+            rows.append({'step': step, 'loss': loss, 'lr': st.sched.get_last_lr()[0], 'elapsed_s': round(elapsed(), 3),
                          'images': step * cfg.batch_size * cfg.grad_accum})
-            bar.set_postfix(loss=f'{acc / nacc:.4f}'); acc, nacc = 0., 0
+            acc, nacc = 0., 0
+        bar.update(step, elapsed(), loss)
         for m in cfg.snapshot_minutes:
             if elapsed() >= m * 60 and not (out/'snapshots'/f'{m:g}min').exists():
                 _save_model(cfg, bb, st, out/'snapshots'/f'{m:g}min', {'step': step, 'elapsed_s': elapsed(), 'minutes': m})
+        if step in cfg.snapshot_steps: _save_model(cfg, bb, st, out/'snapshots'/f'step{step}', {'step': step, 'elapsed_s': elapsed()})
         if cfg.max_minutes > 0 and elapsed() >= cfg.max_minutes * 60: stopped = 'time'
         elif step == stop_at and step < cfg.steps: stopped = 'stop_at'
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped != 'done': _checkpoint(cfg, st, out, step, elapsed(), rows)
         if stopped != 'done': break
     bar.close()
+    if stopped == 'time' and step < cfg.steps:
+        warnings.warn(f"{out}: the {cfg.max_minutes:g}-minute budget stopped training at step {step} of {cfg.steps}; this model "
+                      "differs from one trained to the end with the same config (a faster machine, or max_minutes=0, finishes it)")
     loop_s = time.time() - t_loop
     if stopped != 'stop_at': _save_model(cfg, bb, st, out, {'step': step, 'elapsed_s': elapsed()})
     summary = {'step': step, 'stopped': stopped, 'train_s': round(elapsed(), 2), 'prep_s': round(data.prep_s, 2),
@@ -485,16 +518,17 @@ def train_cached(cfg:TrainConfig, # what to train; `cfg.data` must name the data
 
 # %% ../nbs/03a_training.ipynb #a8a506bc
 BASE_DATASETS = ('isic2018_task1', 'isic2019')
+QUICK_BASE_STEPS = 4000       # about 10 min (the quick train_minutes) at batch 32 on the reference 2-core CPU
 
 def base_config(profile:str='quick', # run profile (its image size and time budget)
                 seed:int=0 # seed of the weights, data order and noise
                )->TrainConfig:
     "Config of the shared text-conditional latent base model (null caption = unconditional)."
-    p = get_profile(profile); m = p.train_minutes
+    p = get_profile(profile); n = QUICK_BASE_STEPS if p.name == 'quick' else 100_000
     return TrainConfig(data='+'.join(BASE_DATASETS) + ':train:squash:concept_caption', space='latent', ae='taef2',
                        image_size=p.image_size, cond='text', text_encoder='minilm', channels=(64, 128), attn_levels=(False, True),
-                       head_dim=32, beta_schedule='linear', prediction_type='v_prediction', steps=1_000_000, batch_size=32, lr=5e-4, warmup=200,
-                       ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=m, snapshot_minutes=(m / 3, 2 * m / 3),
+                       head_dim=32, beta_schedule='linear', prediction_type='v_prediction', steps=n, batch_size=32, lr=5e-4, warmup=200,
+                       ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=3 * p.train_minutes, snapshot_steps=(3 * n // 10, 6 * n // 10),
                        ckpt_every=200, log_every=10, seed=seed)
 
 def base_dataset(image_size:int=64, # square side, pixels
@@ -525,9 +559,10 @@ def load_base_model(profile:str='quick', # 'quick' (trained here, cached) or 'fu
 def pixel_config(profile:str='quick', # run profile
                  seed:int=0 # seed
                 )->TrainConfig:
-    "The pixel-space twin of `base_config` (same data, captions and time budget), for the space comparison."
+    "The pixel-space twin of `base_config` (same data and captions, equal CPU time at its points), for the space comparison."
+    n = 520 if get_profile(profile).name == 'quick' else base_config(profile, seed).steps
     return base_config(profile, seed).replace(space='pixel', channels=(32, 64, 64, 128), attn_levels=(False, False, False, True),
-                                              batch_size=16, warmup=20)
+                                              batch_size=16, warmup=20, steps=n, snapshot_steps=(n // 2,))
 
 # %% ../nbs/03a_training.ipynb #f751e857
 @torch.no_grad()
@@ -562,11 +597,9 @@ def fid_kid(real_feats:np.ndarray, # Inception features of the reference images 
 # %% ../nbs/03a_training.ipynb #b6a43f0c
 def _run_points(path:Path)->list:
     "(label dir, info) for each snapshot of a run and its final model, in training order."
-    pts = []
-    for d in sorted((path/'snapshots').glob('*min'), key=lambda d: float(d.name[:-3])) if (path/'snapshots').exists() else []:
-        pts.append((d, json.loads((d/'model'/'info.json').read_text())))
-    pts.append((path, json.loads((path/'model'/'info.json').read_text())))
-    return pts
+    snaps = sorted((path/'snapshots').glob('*/model/info.json')) if (path/'snapshots').exists() else []
+    pts = sorted(((f.parents[1], json.loads(f.read_text())) for f in snaps), key=lambda p: p[1]['step'])
+    return pts + [(path, json.loads((path/'model'/'info.json').read_text()))]
 
 def backbone_comparison(profile:str='quick', # run profile
                         root:str|Path|None=None, # data root
@@ -582,21 +615,23 @@ def backbone_comparison(profile:str='quick', # run profile
     cfgs = {'latent (TAEF2)': base_config(profile, seed), 'pixel': pixel_config(profile, seed)}
     runs = {k: train_cached(c, lambda c=c: base_dataset(c.image_size, 'train', root, seed), device=device, progress=progress)
             for k, c in cfgs.items()}
-    key = {'runs': {k: c.hash() for k, c in cfgs.items()}, 'n': n, 'steps': steps, 'guidance': guidance_scale, 'seed': seed}
+    key = {'runs': {k: c.hash() for k, c in cfgs.items()}, 'n': n, 'steps': steps, 'guidance': guidance_scale, 'seed': seed, 'table': 2}
     def build(d:Path):
         g = torch.Generator().manual_seed(seed)
         test, val = base_dataset(64, 'test', root, seed), base_dataset(64, 'val', root, seed)
         ti, vi = torch.randperm(len(test), generator=g)[:n].tolist(), torch.randperm(len(val), generator=g)[:n].tolist()
         real = torch.stack([test[i]['image'] for i in ti]); caps = [test[i]['caption'] for i in ti]
         real_feats = inception_features((real + 1) / 2, device=device)
-        rows = [{'model': 'real (val vs test)', 'minutes': 0., 'step': 0, 'sample_s_per_image': 0.,
+        rows = [{'model': 'real (val vs test)', 'minutes': 0., 'step': 0, 'images_seen': 0, 'sample_s_per_image': 0.,
                  **fid_kid(real_feats, torch.stack([val[i]['image'] for i in vi]), device, seed)}]
         T = {'real': real[:16]}
         for name, path in runs.items():
             for snap, info in tqdm(_run_points(path), desc=f'evaluate {name}', disable=not progress, leave=False):
                 bb = load_trained(snap, device); t0 = time.time()
                 imgs = generate(bb, caps, guidance_scale, steps, seed=seed); dt = (time.time() - t0) / len(imgs)
-                rows.append({'model': name, 'minutes': info['elapsed_s'] / 60, 'step': info['step'], 'sample_s_per_image': dt,
+                c = cfgs[name]
+                rows.append({'model': name, 'minutes': info['elapsed_s'] / 60, 'step': info['step'],
+                             'images_seen': info['step'] * c.batch_size * c.grad_accum, 'sample_s_per_image': dt,
                              **fid_kid(real_feats, imgs, device, seed)})
                 T[f'{name}/{info["step"]}'] = imgs[:16]
         atomic_save(d/'table.csv', lambda t: pd.DataFrame(rows).to_csv(t, index=False))

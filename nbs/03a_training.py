@@ -78,12 +78,13 @@ class TrainConfig(Config):
     mixed_precision:str='no'       # 'no', 'fp16' or 'bf16'; only used on CUDA
     max_minutes:float=0.           # training-loop time budget, minutes (0 = none); checkpoint and stop when spent
     snapshot_minutes:tuple=()      # also save the EMA model after these many minutes of training (snapshots/<m>min)
+    snapshot_steps:tuple=()        # also save the EMA model after these optimizer steps (snapshots/step<k>); reproducible
     ckpt_every:int=500             # checkpoint interval, steps
     keep_ckpts:int=2               # checkpoints kept
     log_every:int=10               # loss-curve interval, steps
     seed:int=0                     # seeds the weights, data order, noise and dropout
 
-RESUME_FREE = ('steps', 'max_minutes', 'snapshot_minutes', 'ckpt_every', 'keep_ckpts', 'log_every')
+RESUME_FREE = ('steps', 'max_minutes', 'snapshot_minutes', 'snapshot_steps', 'ckpt_every', 'keep_ckpts', 'log_every')
 
 
 # %% [markdown]
@@ -600,6 +601,50 @@ def _save_model(cfg, bb, st, out, info=None):
 
 # %%
 #| export
+class TrainProgress:
+    "Progress bar of a run: over the time budget when it has one (so the ETA is real), else over the steps."
+    def __init__(self, cfg:TrainConfig, # the run's config (`max_minutes`, `steps`)
+                 step:int=0, # step the run starts from (resumed runs)
+                 elapsed:float=0., # training seconds already spent (resumed runs)
+                 enabled:bool=True # show the bar
+                ):
+        self.budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else 0.
+        total, initial = (round(self.budget), min(round(elapsed), round(self.budget))) if self.budget else (cfg.steps, step)
+        self.bar = tqdm(total=total, initial=initial, unit='s' if self.budget else 'step', leave=False, disable=not enabled,
+                        desc=f'train ({cfg.max_minutes:g} min budget)' if self.budget else 'train',
+                        bar_format='{l_bar}{bar}| {n:.0f}/{total:.0f} s [ETA {remaining}{postfix}]' if self.budget else None)
+
+    def update(self, step:int, # steps done
+               elapsed:float, # training seconds spent
+               loss:float|None=None # latest logged loss
+              ):
+        "Move the bar to `step` / `elapsed` and show the step count and loss."
+        if self.budget: self.bar.n = min(elapsed, self.budget)
+        else: self.bar.n = step
+        post = {'step': step, **({'loss': f'{loss:.4f}'} if loss is not None else {})}
+        self.bar.set_postfix(post, refresh=False); self.bar.refresh()
+
+    def close(self): self.bar.close()
+
+
+# %% [markdown]
+# Budgeted runs (the quick base models stop on `max_minutes`, with `steps` only an upper bound) would show a bar over a
+# million steps and an ETA of days; `TrainProgress` measures them against the budget instead, so `dermnb train base`
+# shows the real remaining time, with the step count and the loss beside it.
+
+# %%
+cfg_b = TrainConfig(max_minutes=2, steps=10**6)
+pb = TrainProgress(cfg_b, enabled=False); pb.update(step=40, elapsed=30., loss=.5)
+test_eq((pb.bar.total, pb.bar.n), (120, 30.)); test_eq(pb.bar.postfix, 'step=40, loss=0.5000')
+pb.update(step=200, elapsed=150.); test_eq(pb.bar.n, 120)            # never past the budget
+ps = TrainProgress(TrainConfig(steps=50), step=10, enabled=False); ps.update(step=25, elapsed=3.)
+test_eq((ps.bar.total, ps.bar.n), (50, 25))
+test_eq(TrainProgress(cfg_b, step=3, elapsed=500., enabled=False).bar.n, 120)   # resumed past its budget
+pb.close(); ps.close()
+
+
+# %%
+#| export
 def train_diffusion(cfg:TrainConfig, # what to train
                     dataset, # torch Dataset of dicts: 'image' (3,S,S) in [-1,1], 'label', 'caption'
                     out_dir:str|Path, # run folder: checkpoints/, loss.csv, train_state.json, model/ (or lora/)
@@ -618,22 +663,28 @@ def train_diffusion(cfg:TrainConfig, # what to train
     start_step, stopped, t_loop = step, 'done', time.time()
     elapsed = lambda: S['elapsed'] + time.time() - t_loop          # training-loop time, summed over resumed runs
     last = min(stop_at if stop_at is not None else cfg.steps, cfg.steps)
-    bar = tqdm(total=cfg.steps, initial=step, desc='train', disable=not progress, leave=False)
-    acc, nacc = 0., 0
+    bar = TrainProgress(cfg, step, S['elapsed'], progress)
+    acc, nacc, loss = 0., 0, None
     while step < last:
-        acc += _opt_step(cfg, bb, st, data, dev, amp, step); nacc += 1; step += 1; bar.update()
+        acc += _opt_step(cfg, bb, st, data, dev, amp, step); nacc += 1; step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            rows.append({'step': step, 'loss': acc / nacc, 'lr': st.sched.get_last_lr()[0], 'elapsed_s': round(elapsed(), 3),
+            loss = acc / nacc
+            rows.append({'step': step, 'loss': loss, 'lr': st.sched.get_last_lr()[0], 'elapsed_s': round(elapsed(), 3),
                          'images': step * cfg.batch_size * cfg.grad_accum})
-            bar.set_postfix(loss=f'{acc / nacc:.4f}'); acc, nacc = 0., 0
+            acc, nacc = 0., 0
+        bar.update(step, elapsed(), loss)
         for m in cfg.snapshot_minutes:
             if elapsed() >= m * 60 and not (out/'snapshots'/f'{m:g}min').exists():
                 _save_model(cfg, bb, st, out/'snapshots'/f'{m:g}min', {'step': step, 'elapsed_s': elapsed(), 'minutes': m})
+        if step in cfg.snapshot_steps: _save_model(cfg, bb, st, out/'snapshots'/f'step{step}', {'step': step, 'elapsed_s': elapsed()})
         if cfg.max_minutes > 0 and elapsed() >= cfg.max_minutes * 60: stopped = 'time'
         elif step == stop_at and step < cfg.steps: stopped = 'stop_at'
         if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped != 'done': _checkpoint(cfg, st, out, step, elapsed(), rows)
         if stopped != 'done': break
     bar.close()
+    if stopped == 'time' and step < cfg.steps:
+        warnings.warn(f"{out}: the {cfg.max_minutes:g}-minute budget stopped training at step {step} of {cfg.steps}; this model "
+                      "differs from one trained to the end with the same config (a faster machine, or max_minutes=0, finishes it)")
     loop_s = time.time() - t_loop
     if stopped != 'stop_at': _save_model(cfg, bb, st, out, {'step': step, 'elapsed_s': elapsed()})
     summary = {'step': step, 'stopped': stopped, 'train_s': round(elapsed(), 2), 'prep_s': round(data.prep_s, 2),
@@ -707,14 +758,19 @@ assert sum(g.abs().sum() for g in ga) > 0
 
 # %% [markdown]
 # **Budgets and failures.** A time budget (on the training loop's time) stops the run with a checkpoint and a saved
-# model, and a later call with more budget goes on; snapshots keep the EMA model at given training times. A NaN in the data stops the run with a clear error and saves nothing from the bad step. A config
+# model, and a later call with more budget goes on. Because where a time budget stops depends on the machine, a run it
+# cuts short warns that its model differs from the config's full run: configs whose results are published fix
+# `steps` and keep `max_minutes` only as a safety cap. Snapshots keep the EMA model at given steps (reproducible) or
+# training times. A NaN in the data stops the run with a clear error and saves nothing from the bad step. A config
 # mismatch on resume and a wrong image size are clear errors (tested above). Mixed precision is GPU-only.
 
 # %%
-with tempfile.TemporaryDirectory() as tdir:
+with tempfile.TemporaryDirectory() as tdir, warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
     cfg = TrainConfig(**{**tiny, 'steps': 50, 'max_minutes': 1e-6, 'snapshot_minutes': (0.,)})
     s = train_diffusion(cfg, ToyDataset(), tdir, device='cpu', progress=False)
     test_eq((s['step'], s['stopped']), (1, 'time')); assert (Path(tdir)/'model').exists()
+    assert any('stopped training at step 1 of 50' in str(x.message) for x in w), [str(x.message) for x in w]
     test_eq(json.loads((Path(tdir)/'snapshots'/'0min'/'model'/'info.json').read_text())['step'], 1)   # a snapshot
     test_eq(find_checkpoint(tdir).name, 'ckpt-00000001.safetensors')
     test_eq(train_diffusion(cfg.replace(max_minutes=0., steps=3), ToyDataset(), tdir, device='cpu', progress=False)['step'], 3)
@@ -854,7 +910,7 @@ with tempfile.TemporaryDirectory() as sd_dir, tempfile.TemporaryDirectory() as t
 # ## The quick-profile base model
 #
 # Every method reuses one denoiser. In the full profile it is Stable Diffusion 2 (`load_sd_pipeline`). In the quick
-# profile it is trained here, on the CPU, within the profile's time budget: a text-conditional UNet in TAEF2's latent
+# profile it is trained here, on the CPU, in about the profile's `train_minutes`: a text-conditional UNet in TAEF2's latent
 # space (64 px images -> 8x8x32 latents), conditioned on MiniLM token embeddings of concept captions
 # (`dermnb.clip.concept_caption`: diagnosis, dermoscopic concepts, site, age, sex), trained on the ISIC 2018 Task 1
 # and ISIC 2019 training splits. Caption dropout trains the empty caption as the unconditional model. Images are
@@ -864,20 +920,28 @@ with tempfile.TemporaryDirectory() as sd_dir, tempfile.TemporaryDirectory() as t
 # (measured on a first 10-minute model); v-prediction has no such amplification. The UNet size was chosen by measured training
 # throughput on this 2-core CPU: (64, 128) channels with cross-attention at 4x4 and in the mid-block trains about
 # 1.5-2x faster than (64, 128, 128) or (96, 192) (see `benchmarks/diffusion_train.py`), so it sees more images in the budget.
+#
+# **Steps, not minutes, define the model.** A time budget stops at a different step on a busier or faster machine, so
+# the same config would cache different models and the published figures could not be reproduced. The quick config
+# therefore fixes the number of steps (`QUICK_BASE_STEPS`, chosen so that the run takes about `train_minutes` on the
+# reference 2-core CPU: the backbone figure's `training_runs.csv` records the measured images/s and minutes), takes
+# EMA snapshots at fixed steps, and keeps `max_minutes` (3x `train_minutes`) only as a safety cap that warns when it
+# binds.
 
 # %%
 #| export
 BASE_DATASETS = ('isic2018_task1', 'isic2019')
+QUICK_BASE_STEPS = 4000       # about 10 min (the quick train_minutes) at batch 32 on the reference 2-core CPU
 
 def base_config(profile:str='quick', # run profile (its image size and time budget)
                 seed:int=0 # seed of the weights, data order and noise
                )->TrainConfig:
     "Config of the shared text-conditional latent base model (null caption = unconditional)."
-    p = get_profile(profile); m = p.train_minutes
+    p = get_profile(profile); n = QUICK_BASE_STEPS if p.name == 'quick' else 100_000
     return TrainConfig(data='+'.join(BASE_DATASETS) + ':train:squash:concept_caption', space='latent', ae='taef2',
                        image_size=p.image_size, cond='text', text_encoder='minilm', channels=(64, 128), attn_levels=(False, True),
-                       head_dim=32, beta_schedule='linear', prediction_type='v_prediction', steps=1_000_000, batch_size=32, lr=5e-4, warmup=200,
-                       ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=m, snapshot_minutes=(m / 3, 2 * m / 3),
+                       head_dim=32, beta_schedule='linear', prediction_type='v_prediction', steps=n, batch_size=32, lr=5e-4, warmup=200,
+                       ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=3 * p.train_minutes, snapshot_steps=(3 * n // 10, 6 * n // 10),
                        ckpt_every=200, log_every=10, seed=seed)
 
 def base_dataset(image_size:int=64, # square side, pixels
@@ -913,7 +977,8 @@ def load_base_model(profile:str='quick', # 'quick' (trained here, cached) or 'fu
 
 # %%
 cfg_b = base_config('quick')
-test_eq((cfg_b.space, cfg_b.cond, cfg_b.image_size, cfg_b.max_minutes), ('latent', 'text', 64, get_profile('quick').train_minutes))
+test_eq((cfg_b.space, cfg_b.cond, cfg_b.image_size, cfg_b.steps, cfg_b.snapshot_steps), ('latent', 'text', 64, 4000, (1200, 2400)))
+test_eq(cfg_b.max_minutes, 3 * get_profile('quick').train_minutes)     # a safety cap, not what ends the run
 check_config(cfg_b)
 dsb = base_dataset(64, 'val')
 it = dsb[0]; test_eq(it['image'].shape, (3, 64, 64)); assert it['caption'].startswith('dermoscopy of')
@@ -922,19 +987,25 @@ it = dsb[0]; test_eq(it['image'].shape, (3, 64, 64)); assert it['caption'].start
 # %% [markdown]
 # ## Evaluating backbones: pixel vs latent at equal CPU time
 #
-# Is TAEF2's latent space worth it on a CPU? `pixel_config` is the base model's pixel-space twin: same data, captions,
-# conditioning and training-time budget, with a 64-px UNet (four levels down to 8x8, attention at 8x8). At equal time
-# it sees far fewer images (a 64-px UNet step costs much more than an 8x8 one), so it also gets a smaller batch and a
-# shorter warm-up, to make some progress within the budget. Both save EMA snapshots at 1/3 and 2/3 of the budget.
+# Is TAEF2's latent space worth it on a CPU? `pixel_config` is the base model's pixel-space twin: same data, captions
+# and conditioning, with a 64-px UNet (four levels down to 8x8, attention at 8x8). At equal time it sees far fewer
+# images (a 64-px UNet step costs much more than an 8x8 one), so it also gets a smaller batch and a shorter warm-up,
+# to make some progress. Its steps are set to match the latent model's snapshots in CPU time on the reference
+# machine: its snapshot at step 260 and its end at step 520 take about as long as the latent model's snapshots at
+# steps 1200 and 2400 (the figure plots the measured minutes of every point, so any mismatch is visible). It stops
+# there, at 60% of the latent model's training time, because it is the comparison's expensive side (sampling it
+# costs over ten times as much per image: the table's `sample_s_per_image`), and in a first 10-minute run its FID had
+# already stopped improving between 2/3 of the budget and the end.
 
 # %%
 #| export
 def pixel_config(profile:str='quick', # run profile
                  seed:int=0 # seed
                 )->TrainConfig:
-    "The pixel-space twin of `base_config` (same data, captions and time budget), for the space comparison."
+    "The pixel-space twin of `base_config` (same data and captions, equal CPU time at its points), for the space comparison."
+    n = 520 if get_profile(profile).name == 'quick' else base_config(profile, seed).steps
     return base_config(profile, seed).replace(space='pixel', channels=(32, 64, 64, 128), attn_levels=(False, False, False, True),
-                                              batch_size=16, warmup=20)
+                                              batch_size=16, warmup=20, steps=n, snapshot_steps=(n // 2,))
 
 
 # %% [markdown]
@@ -995,11 +1066,9 @@ def fid_kid(real_feats:np.ndarray, # Inception features of the reference images 
 #| export
 def _run_points(path:Path)->list:
     "(label dir, info) for each snapshot of a run and its final model, in training order."
-    pts = []
-    for d in sorted((path/'snapshots').glob('*min'), key=lambda d: float(d.name[:-3])) if (path/'snapshots').exists() else []:
-        pts.append((d, json.loads((d/'model'/'info.json').read_text())))
-    pts.append((path, json.loads((path/'model'/'info.json').read_text())))
-    return pts
+    snaps = sorted((path/'snapshots').glob('*/model/info.json')) if (path/'snapshots').exists() else []
+    pts = sorted(((f.parents[1], json.loads(f.read_text())) for f in snaps), key=lambda p: p[1]['step'])
+    return pts + [(path, json.loads((path/'model'/'info.json').read_text()))]
 
 def backbone_comparison(profile:str='quick', # run profile
                         root:str|Path|None=None, # data root
@@ -1015,21 +1084,23 @@ def backbone_comparison(profile:str='quick', # run profile
     cfgs = {'latent (TAEF2)': base_config(profile, seed), 'pixel': pixel_config(profile, seed)}
     runs = {k: train_cached(c, lambda c=c: base_dataset(c.image_size, 'train', root, seed), device=device, progress=progress)
             for k, c in cfgs.items()}
-    key = {'runs': {k: c.hash() for k, c in cfgs.items()}, 'n': n, 'steps': steps, 'guidance': guidance_scale, 'seed': seed}
+    key = {'runs': {k: c.hash() for k, c in cfgs.items()}, 'n': n, 'steps': steps, 'guidance': guidance_scale, 'seed': seed, 'table': 2}
     def build(d:Path):
         g = torch.Generator().manual_seed(seed)
         test, val = base_dataset(64, 'test', root, seed), base_dataset(64, 'val', root, seed)
         ti, vi = torch.randperm(len(test), generator=g)[:n].tolist(), torch.randperm(len(val), generator=g)[:n].tolist()
         real = torch.stack([test[i]['image'] for i in ti]); caps = [test[i]['caption'] for i in ti]
         real_feats = inception_features((real + 1) / 2, device=device)
-        rows = [{'model': 'real (val vs test)', 'minutes': 0., 'step': 0, 'sample_s_per_image': 0.,
+        rows = [{'model': 'real (val vs test)', 'minutes': 0., 'step': 0, 'images_seen': 0, 'sample_s_per_image': 0.,
                  **fid_kid(real_feats, torch.stack([val[i]['image'] for i in vi]), device, seed)}]
         T = {'real': real[:16]}
         for name, path in runs.items():
             for snap, info in tqdm(_run_points(path), desc=f'evaluate {name}', disable=not progress, leave=False):
                 bb = load_trained(snap, device); t0 = time.time()
                 imgs = generate(bb, caps, guidance_scale, steps, seed=seed); dt = (time.time() - t0) / len(imgs)
-                rows.append({'model': name, 'minutes': info['elapsed_s'] / 60, 'step': info['step'], 'sample_s_per_image': dt,
+                c = cfgs[name]
+                rows.append({'model': name, 'minutes': info['elapsed_s'] / 60, 'step': info['step'],
+                             'images_seen': info['step'] * c.batch_size * c.grad_accum, 'sample_s_per_image': dt,
                              **fid_kid(real_feats, imgs, device, seed)})
                 T[f'{name}/{info["step"]}'] = imgs[:16]
         atomic_save(d/'table.csv', lambda t: pd.DataFrame(rows).to_csv(t, index=False))
@@ -1037,6 +1108,16 @@ def backbone_comparison(profile:str='quick', # run profile
     p = cached_dir('backbone-comparison', key, build)
     T, meta = load_checkpoint(p/'samples.safetensors')
     return {'table': pd.read_csv(p/'table.csv'), 'samples': T, 'captions': meta['captions'], 'runs': runs, 'configs': cfgs}
+
+
+# %% [markdown]
+# The evaluation points of a run are its snapshots (step- or time-based) and its final model, in step order.
+
+# %%
+with tempfile.TemporaryDirectory() as tdir:
+    s = train_diffusion(TrainConfig(**{**tiny, 'steps': 5, 'snapshot_steps': (2, 4)}), ToyDataset(), tdir, device='cpu', progress=False)
+    test_eq([i['step'] for _, i in _run_points(Path(tdir))], [2, 4, 5])          # step snapshots, then the final model
+    test_eq(sorted(d.name for d in (Path(tdir)/'snapshots').iterdir()), ['step2', 'step4'])
 
 
 # %% [markdown]

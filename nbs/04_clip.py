@@ -982,16 +982,25 @@ def _pixel_batches(model:DermCLIP, recs:Sequence[Record], cfg:DermCLIPConfig, n:
     dl = torch.utils.data.DataLoader(ds, batch_size=batch_size)
     return [enc.pixels(b['image']).to(model.logit_scale.device) for b in dl]
 
+def untrained_dermclip(cfg:DermCLIPConfig, # the config (pretrained or random towers)
+                       recs:Sequence[Record], # training records (random towers calibrate their BatchNorm on them)
+                       device:str|torch.device='cpu' # device of the model
+                      )->DermCLIP:
+    "A DermCLIP before contrastive training: built for `cfg`, with random towers' BatchNorm statistics calibrated."
+    model = build_dermclip(cfg).to(get_device(device))
+    if not cfg.pretrained: calibrate_bn(model.visual, _pixel_batches(model, recs, cfg))
+    return model
+
 def train_dermclip(cfg:DermCLIPConfig, # what to train
                    root:str|Path|None=None, # data root
                    device:str|torch.device='cpu', # device to train on
                    log:Callable|None=print # progress callback(str)
                   )->tuple:
     "Build (calibrating random towers' BatchNorm), precompute and train a DermCLIP; returns (model, info) with history and timings."
-    t0, c0 = time.time(), time.process_time(); model = build_dermclip(cfg).to(get_device(device))
+    t0, c0 = time.time(), time.process_time()
     recs = dermclip_records(cfg, 'train', root)
     if not recs: raise DataError(f"No labelled training records in {cfg.datasets} under {data_root(root)}")
-    if not cfg.pretrained: calibrate_bn(model.visual, _pixel_batches(model, recs, cfg))
+    model = untrained_dermclip(cfg, recs, device)
     stems = precompute_stems(model, recs, cfg, log=log); t1 = time.time()
     texts, feats, idx = caption_bank(model, recs, cfg); t2 = time.time()
     hist = fit_dermclip(model, stems, feats, idx, cfg, log=log); t3 = time.time()
@@ -1223,12 +1232,15 @@ assert r_tr['i2t_R@5'] > r_un['i2t_R@5'] + .1
 # %% [markdown]
 # ### The quick-profile DermCLIP and its baselines
 #
-# Three models, one table: **DermCLIP** (pretrained towers, contrastively trained), **pretrained, untuned** (the same
-# towers with untrained projections: what the pretrained weights alone give), and **random towers** (the same
-# architecture from random initialisation, BatchNorm calibrated, trained with the same recipe and budget: what the
-# pretrained weights add), plus chance. On a cache miss this trains two models (each writes its wall-clock and CPU time
-# to `train_info.json`, and the table carries them), so the cell is `slow`; the figure notebook `figures/dermclip`
-# runs the same function and publishes the table and its bar chart.
+# Four models, one table, a 2x2 of (pretrained or random towers) x (before or after contrastive training):
+# **DermCLIP** (pretrained towers, contrastively trained); **pretrained, untuned** (the same towers with untrained
+# projections: what the pretrained weights alone give); **random towers (trained)** (the same architecture from random
+# initialisation, BatchNorm calibrated, trained with the same recipe and budget: what the pretrained weights add); and
+# **random towers, untuned** (neither); plus chance. Untrained projections map both towers' features at random, so
+# both untuned rows should sit near chance: the pretrained features only pay off once the projections are trained.
+# On a cache miss this trains two models (each writes its wall-clock and CPU time to `train_info.json`, and the table
+# carries them), so the cell is `slow`; the figure notebook `figures/metrics_sanity` runs the same function and
+# publishes the table and its bar chart.
 
 # %%
 #| export
@@ -1239,11 +1251,13 @@ def dermclip_table(profile:str='quick', # run profile
                    n_retrieval:int=1000, # retrieval pool size
                    log:Callable|None=print # progress callback(str)
                   )->pd.DataFrame:
-    "The DermCLIP table: trained, pretrained-untuned and random-tower DermCLIP, plus chance."
-    cfg = dermclip_config(profile, split_seed=seed, seed=seed)
+    "The DermCLIP table: pretrained or random towers, each before and after contrastive training, plus chance."
+    cfg = dermclip_config(profile, split_seed=seed, seed=seed); rnd = cfg.replace(pretrained=False)
+    recs = dermclip_records(cfg, 'train', root)
     models = {'DermCLIP (trained)': load_dermclip(cfg, root=root, device=device, log=log),
-              'pretrained, untuned': dermclip_encoder(build_dermclip(cfg), cfg).to(get_device(device)),
-              'random towers (trained)': load_dermclip(cfg.replace(pretrained=False), root=root, device=device, log=log)}
+              'pretrained, untuned': dermclip_encoder(untrained_dermclip(cfg, recs, device), cfg),
+              'random towers (trained)': load_dermclip(rnd, root=root, device=device, log=log),
+              'random towers, untuned': dermclip_encoder(untrained_dermclip(rnd, recs, device), rnd)}
     df = evaluate_clip(models, root, seed, n_retrieval, chance=True)
     info = {k: json.loads((m.cache_dir/'train_info.json').read_text()) for k, m in models.items() if hasattr(m, 'cache_dir')}
     df['train_seconds'] = [info[k]['seconds']['total'] if k in info else 0. for k in models] + [float('nan')]
@@ -1260,6 +1274,7 @@ t = table.set_index('model')
 for col in ('isic2019_bal_acc', 'ph2_bal_acc', 'i2t_R@5', 't2i_R@5'):
     assert t.loc['DermCLIP (trained)', col] > t.loc['random towers (trained)', col], col
     assert t.loc['DermCLIP (trained)', col] > t.loc['pretrained, untuned', col], col
+    assert t.loc['DermCLIP (trained)', col] > t.loc['random towers, untuned', col], col
 
 
 # %% [markdown]

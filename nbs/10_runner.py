@@ -68,7 +68,7 @@ with tempfile.TemporaryDirectory() as d:
 
 # %%
 #| export
-FIGURE_ORDER = ['data_overview', 'metrics_sanity', 'dermclip', 'backbone', 'diffseg', 'cpde', 'lesiongen', 'skindualgen']
+FIGURE_ORDER = ['data_overview', 'metrics_sanity', 'backbone', 'diffseg', 'cpde', 'lesiongen', 'skindualgen']
 
 def project_root()->Path:
     "The repository root (the folder holding settings.ini), for an editable install or a checkout."
