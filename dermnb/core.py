@@ -14,9 +14,9 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 # %% auto #0
 __all__ = ['PROFILES', 'GT_COLOR', 'PRED_COLOR', 'DermnbError', 'DataError', 'WeightsMissingError', 'Profile', 'get_profile',
-           'stable_hash', 'Config', 'seed_everything', 'get_device', 'make_generator', 'atomic_write', 'atomic_save',
-           'save_json', 'cache_root', 'cached_dir', 'data_root', 'load_image', 'load_mask', 'save_image', 'to_pil',
-           'overlay_contours', 'image_grid', 'save_figure']
+           'stable_hash', 'Config', 'seed_everything', 'get_device', 'make_generator', 'flush_denormals',
+           'atomic_write', 'atomic_save', 'save_json', 'cache_root', 'cached_dir', 'data_root', 'load_image',
+           'load_mask', 'save_image', 'to_pil', 'overlay_contours', 'image_grid', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #3e483892
 class DermnbError(Exception):
@@ -100,6 +100,14 @@ def make_generator(seed:int, # seed for this generator
                   )->torch.Generator:
     "A seeded `torch.Generator`, for reproducible sampling without global state."
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+# %% ../nbs/00_core.ipynb #1532967a
+def flush_denormals(on:bool=True # flush denormal floats to zero on this thread and the CPU threads it starts later
+                   )->bool:
+    "Turn CPU flush-to-zero for denormal floats on or off; returns whether it is on."
+    return bool(torch.set_flush_denormal(on)) and on
+
+if not os.environ.get('DERMNB_KEEP_DENORMALS'): flush_denormals()
 
 # %% ../nbs/00_core.ipynb #039b21bd
 @contextlib.contextmanager

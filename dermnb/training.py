@@ -25,9 +25,9 @@ from .diffusion import (Backbone, make_unet, make_scheduler, load_ae, load_text_
 # %% auto #0
 __all__ = ['RESUME_FREE', 'BASE_DATASETS', 'QUICK_BASE_STEPS', 'TrainConfig', 'check_config', 'build_backbone', 'save_checkpoint',
            'load_checkpoint', 'TrainData', 'prepare_data', 'batch_indices', 'draw_batch', 'TrainState', 'check_resume',
-           'find_checkpoint', 'TrainingDivergedError', 'data_cache_key', 'TrainProgress', 'train_diffusion',
-           'load_trained', 'train_cached', 'base_config', 'base_dataset', 'load_base_model', 'pixel_config', 'generate',
-           'fid_kid', 'backbone_comparison', 'inversion_error', 'taef2_psnr']
+           'find_checkpoint', 'TrainingDivergedError', 'make_optimizer', 'data_cache_key', 'TrainProgress',
+           'train_diffusion', 'load_trained', 'train_cached', 'base_config', 'base_dataset', 'load_base_model',
+           'pixel_config', 'generate', 'fid_kid', 'backbone_comparison', 'inversion_error', 'taef2_psnr']
 
 # %% ../nbs/03a_training.ipynb #dcbe7a8b
 @dataclass(frozen=True)
@@ -340,6 +340,15 @@ def _loss(bb:Backbone, cfg:TrainConfig, b:dict, sl:slice, device, amp_dtype)->to
         pred = unet_eps(bb.unet, x_t, t, cond)
     return F.mse_loss(pred.float(), target.float())
 
+# %% ../nbs/03a_training.ipynb #b47b6c5d
+def make_optimizer(params:list, # trainable parameters
+                   cfg:TrainConfig, # learning rate and weight decay
+                   device:str|torch.device='cpu' # where the parameters live
+                  )->torch.optim.AdamW:
+    "AdamW for `params`, fused where this torch supports it on `device`."
+    try: return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError): return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
 # %% ../nbs/03a_training.ipynb #b45e37b9
 def data_cache_key(cfg:TrainConfig # the training config
                   )->dict:
@@ -356,7 +365,7 @@ def _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache,
     if not resume: shutil.rmtree(out/'checkpoints', ignore_errors=True)
     key = data_cache_key(cfg) if data_cache and encode_text is None else None
     data = prepare_data(dataset, bb, cfg, fit_scaling=not cfg.base and not saved, cache_key=key, cache_root=cache_root, progress=progress)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg, dev)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1., (s + 1) / max(1, cfg.warmup)))
     amp = _amp(cfg, dev)
     scaler = torch.amp.GradScaler('cuda', enabled=amp == torch.float16)

@@ -174,6 +174,40 @@ if not torch.cuda.is_available(): test_fail(lambda: get_device('cuda'), contains
 
 
 # %% [markdown]
+# ## Denormal floats on the CPU
+#
+# Numbers below float32's smallest normal value (about 1.2e-38) are *denormal*, and x86 CPUs compute with them up to
+# a hundred times slower. Real data produces them inside a diffusion UNet: with real caption embeddings, cross-attention
+# softmaxes are peaked, their smallest probabilities underflow into denormals, and a training step of the quick base
+# model took 20% longer than with random embeddings (measured with `benchmarks/diffusion_train.py`, which compares
+# against a plain diffusers loop fed random tensors). Flushing them to zero changes results only below 1e-38.
+#
+# The flag is per thread, and a new thread inherits the flag of the thread that creates it, so it must be set before
+# torch starts its CPU worker threads. dermnb therefore sets it when `dermnb.core` is first imported (every dermnb
+# module imports it). To keep denormals, set `DERMNB_KEEP_DENORMALS=1` before importing dermnb.
+
+# %%
+#| export
+def flush_denormals(on:bool=True # flush denormal floats to zero on this thread and the CPU threads it starts later
+                   )->bool:
+    "Turn CPU flush-to-zero for denormal floats on or off; returns whether it is on."
+    return bool(torch.set_flush_denormal(on)) and on
+
+if not os.environ.get('DERMNB_KEEP_DENORMALS'): flush_denormals()
+
+# %%
+tiny = lambda: (torch.tensor([1e-20]) * torch.tensor([1e-20])).item()      # 1e-40 is denormal in float32
+if flush_denormals():                                                      # x86 with SSE3, as on every dev and CI machine
+    test_eq(tiny(), 0.)
+    flush_denormals(False); assert 0 < tiny() < 1e-38; flush_denormals()  # off: the denormal survives
+    import subprocess, sys
+    code = "import dermnb.core, torch; print((torch.tensor([1e-20]) * torch.tensor([1e-20])).item())"
+    run = lambda env: float(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                                           env={**os.environ, **env}).stdout)
+    test_eq(run({}), 0.); assert run({'DERMNB_KEEP_DENORMALS': '1'}) > 0   # set at import, unless opted out
+
+
+# %% [markdown]
 # ## Atomic writes
 #
 # A crash half-way through writing must never leave a truncated checkpoint, mask or CSV that looks valid.

@@ -55,6 +55,7 @@ assert all(p.is_file() for p in isic.image_path) and all(p.is_file() for p in is
 gts = [load_mask(p) for p in isic.mask_path]
 test_eq(gts[0].shape, (192, 256))
 
+
 # %% [markdown]
 # ## Segmentation metrics
 #
@@ -88,7 +89,6 @@ p = np.zeros((6, 8), np.uint8); p[2:5, 2:6] = 1           # 12 predicted pixels,
 test_eq(confusion_counts(p, m), dict(tp=6, fp=6, fn=6, tn=30))
 test_fail(lambda: confusion_counts(p * 255, m), contains='not a binary mask')
 test_fail(lambda: confusion_counts(p[:5], m), contains='differs')
-
 
 # %% [markdown]
 # The metrics follow the definitions of the official ISIC scorer (`isic-challenge-scoring`, `metrics.py`), including
@@ -226,7 +226,6 @@ assert pm['eroded'].sum() < gts[0].sum() < pm['dilated'].sum()
 assert (pm['eroded'] <= gts[0]).all() and (gts[0] <= pm['dilated']).all()
 assert seg_metrics(pm['eroded'], gts[0])['precision'] == 1.0 and seg_metrics(pm['dilated'], gts[0])['recall'] == 1.0
 
-
 # %% [markdown]
 # ### Cross-check with the official ISIC 2018 scorer
 #
@@ -351,7 +350,6 @@ with tempfile.TemporaryDirectory() as d:
     test_fail(lambda: eval_seg_folders(b, d/'gt'), contains=f'{ids[5]}{SEG_SUFFIX}: mask is not binary')
     test_fail(lambda: eval_seg_folders(d/'nope', d/'gt'), contains='prediction folder not found')
     test_fail(lambda: eval_seg_folders(d/'pred', d/'out'), contains='no ground-truth masks')
-
 
 # %% [markdown]
 # ## Generative metrics: FID and KID
@@ -484,6 +482,7 @@ f_ours = inception_features(imgs4[:2], device='cpu')
 test_eq(f_ours.shape, (2, 2048)); assert (f_ours >= 0).all() and f_ours.max() > 0.5     # pool3 after ReLU
 test_close(inception_features(list(isic.image_path[:3]), batch_size=2, device='cpu')[:2], f_ours, eps=1e-5)  # from files, odd batches
 
+
 # %%
 #| export
 def image_files(folder:str|Path # folder of images
@@ -526,6 +525,7 @@ with tempfile.TemporaryDirectory() as d:
     folder_features(d/'imgs', device='cpu', cache_root=d/'cache'); test_eq(len(entries()), 2)
     test_fail(lambda: image_files(d/'cache'/'none'), contains='image folder not found')
     (d/'empty').mkdir(); test_fail(lambda: image_files(d/'empty'), contains='no images')
+
 
 # %% [markdown]
 # **Fréchet distance.** FID is the Fréchet distance between Gaussians fitted to the two feature sets,
@@ -698,6 +698,7 @@ with tempfile.TemporaryDirectory() as d:
     test_close(eval_fid_folders(d/'a', d/'a', device='cpu', kid_subsets=10)['fid'], 0, eps=1e-6)
     test_fail(lambda: eval_fid_folders(d/'a', d/'missing', device='cpu'), contains='missing: image folder not found')
 
+
 # %% [markdown]
 # ### Degradation curves
 #
@@ -830,6 +831,7 @@ b1 = as_image_batch(pil); test_eq(b1.shape, (1, 3, 192, 256)); test_close(b1.max
 test_eq(as_image_batch(np.asarray(pil)), b1); test_eq(as_image_batch([pil, b1[0]]).shape, (2, 3, 192, 256))
 test_fail(lambda: as_image_batch(b1 * 2 - 1), contains='map [-1, 1]')
 test_eq(as_mask_batch(gts[0], 3).shape, (3, 1, 192, 256))
+
 
 # %% [markdown]
 # ### An offline LPIPS-style distance on ImageNet features
@@ -965,7 +967,6 @@ with tempfile.TemporaryDirectory() as d:
     with torch.no_grad(): test_eq(lp(a2, a2).shape, (2,)); test_close(lp(a2, a2), 0, eps=1e-6); assert (lp(a2, a2.flip(0)) > 0).all()
     test_fail(lambda: LpipsAlex(Path(d)/'other.pth'), contains='not a torchvision AlexNet state dict')
 
-
 # %% [markdown]
 # `perceptual_model(net, weights_path, device)` loads (once) either distance by name, and `perceptual_distance(a, b)`
 # compares images of any accepted type with it: `net='effnet_lpips_uncalibrated'` (the offline default) or
@@ -1008,6 +1009,7 @@ assert perceptual_model(device='cpu') is perceptual_model(device='cpu')
 test_close(perceptual_distance(a2, a2.flip(0), device='cpu'), d_ab, eps=1e-5)
 test_fail(lambda: perceptual_distance(a2, a2, net='vgg'), contains='unknown perceptual net')
 test_fail(lambda: perceptual_distance(a2, a2[..., :128]), contains='differ in shape')
+
 
 # %% [markdown]
 # ### NS-LPIPS: perceptual change outside the lesion
@@ -1218,6 +1220,7 @@ test_close(ged([A, B, C], [A, B, C]), 0)
 g = gts[0]; pm = perturbed_masks(g)
 assert ged([pm['eroded'], pm['dilated']], [g]) < ged([pm['shifted'], pm['emptied']], [g])
 
+
 # %% [markdown]
 # ## Figure helpers
 #
@@ -1305,6 +1308,7 @@ fig = plot_ged_examples(load_image(isic.image_path[0]), ex)
 test_eq(len([a for a in fig.axes if a.get_title()]), len(ex)); assert 'GED=0.000' in fig.axes[0].get_title()
 plt.close(fig)
 
+
 # %% [markdown]
 # `plot_seg_crosscheck` shows the cross-check table: dermnb against the official scorer for each metric (points on
 # the diagonal), coloured by perturbation, titled with the largest absolute difference.
@@ -1334,6 +1338,7 @@ def plot_seg_crosscheck(xc:pd.DataFrame, # from `isic_crosscheck`
 fig = plot_seg_crosscheck(xc)
 test_eq(len(fig.axes), 6); assert fig.axes[0].get_title().startswith('jaccard\nmax |Δ| = 0.0e+00')
 plt.close(fig)
+
 
 # %%
 #| export

@@ -741,7 +741,6 @@ v = torch.nn.functional.normalize((e * m).sum(1) / m.sum(1), dim=-1); cos = v @ 
 assert cos[0, 1] > cos[0, 2] + 0.1     # pretrained: two lesion captions are closer than a lesion and a cat
 test_fail(lambda: load_text_encoder('nope'), contains='minilm')
 
-
 # %% [markdown]
 # ## LoRA
 #
@@ -882,7 +881,6 @@ with tempfile.TemporaryDirectory() as d:
     test_close(bare(torch.ones(1, 4, 8, 8), 10, encoder_hidden_states=e_lora).sample, o_lora, eps=1e-4)
     test_fail(lambda: load_lora(bare, Path(d)/'missing'), contains='missing')
 test_fail(lambda: add_lora(u0), contains='UNet2DConditionModel')
-
 
 # %% [markdown]
 # ## Pretrained Stable Diffusion pipelines
@@ -1109,7 +1107,6 @@ def _bb_from_pipeline(pipe:StableDiffusionPipeline # e.g. from `load_sd_pipeline
     return Backbone(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), ae.to(pipe.device), TextEncoder.from_pipeline(pipe), 0, size)
 
 Backbone.from_pipeline = staticmethod(_bb_from_pipeline)
-
 
 # %% [markdown]
 # Tests: a class-conditional pixel backbone maps unknown labels to the null class; a text backbone on TAEF2 latents

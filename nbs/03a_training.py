@@ -520,6 +520,34 @@ def _loss(bb:Backbone, cfg:TrainConfig, b:dict, sl:slice, device, amp_dtype)->to
 
 
 # %% [markdown]
+# **The optimizer.** AdamW, fused into one kernel where torch offers it (CUDA, and CPU since torch 2.4): on the quick
+# base model's 4.3M parameters the fused CPU step took about a fifth of the default one's time (11 ms to 2.4 ms on
+# the 2-core machine), which more than pays for EMA and gradient clipping. Same algorithm, same state dict; results
+# differ from the unfused optimizer only by float rounding.
+
+# %%
+#| export
+def make_optimizer(params:list, # trainable parameters
+                   cfg:TrainConfig, # learning rate and weight decay
+                   device:str|torch.device='cpu' # where the parameters live
+                  )->torch.optim.AdamW:
+    "AdamW for `params`, fused where this torch supports it on `device`."
+    try: return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError): return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+# %%
+ps = [torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0))) for _ in range(2)]
+qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+fused, plain = make_optimizer(ps, TrainConfig(lr=1e-2, weight_decay=.1)), torch.optim.AdamW(qs, lr=1e-2, weight_decay=.1)
+assert fused.defaults['fused'], 'torch should offer fused AdamW on CPU'
+for i in range(5):
+    for a, b in zip(ps, qs): a.grad = torch.full_like(a, float(i + 1)); b.grad = a.grad.clone()
+    fused.step(); plain.step()
+for a, b in zip(ps, qs): test_close(a, b, eps=1e-6)
+test_eq(sorted(fused.state_dict()['state'][0]), sorted(plain.state_dict()['state'][0]))
+
+
+# %% [markdown]
 # The loop itself, split in three: setup (build, prepare, restore), the optimizer step, and the run. Setup returns
 # everything a step needs in one namespace.
 
@@ -540,7 +568,7 @@ def _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache,
     if not resume: shutil.rmtree(out/'checkpoints', ignore_errors=True)
     key = data_cache_key(cfg) if data_cache and encode_text is None else None
     data = prepare_data(dataset, bb, cfg, fit_scaling=not cfg.base and not saved, cache_key=key, cache_root=cache_root, progress=progress)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg, dev)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1., (s + 1) / max(1, cfg.warmup)))
     amp = _amp(cfg, dev)
     scaler = torch.amp.GradScaler('cuda', enabled=amp == torch.float16)
@@ -755,7 +783,6 @@ test_close(la, lb, eps=1e-6)
 for a, b in zip(ga, gb): test_close(a, b, eps=1e-6)
 assert sum(g.abs().sum() for g in ga) > 0
 
-
 # %% [markdown]
 # **Budgets and failures.** A time budget (on the training loop's time) stops the run with a checkpoint and a saved
 # model, and a later call with more budget goes on. Because where a time budget stops depends on the machine, a run it
@@ -790,7 +817,6 @@ with tempfile.TemporaryDirectory() as tdir:
     s = train_diffusion(TrainConfig(**{**tiny, 'steps': 5}, mixed_precision='fp16'), ToyDataset(), tdir, device='cuda', progress=False)
     assert math.isfinite(s['final_loss']) and s['device'].startswith('cuda')
 
-
 # %% [markdown]
 # **Latent and text.** A text-conditional model on TAEF2 latents of real ISIC images (16 px, so 2x2 latents here) with
 # the pretrained MiniLM text encoder: the AE's scaling is fitted on the training latents, saved with the model, and the
@@ -809,7 +835,6 @@ with tempfile.TemporaryDirectory() as tdir:
     test_close(z.mean(), 0., eps=0.05); test_close(z.std(), 1., eps=0.1)        # the saved scaling normalises them
     im = m.sample(cond=['dermoscopy of a melanoma'], guidance_scale=3., steps=3, generator=make_generator(0))
     test_eq(im.shape, (1, 3, 16, 16))
-
 
 # %% [markdown]
 # Any `encode_text(list[str]) -> (B, L, D)` callable can condition the model; its width sets the UNet's
@@ -881,7 +906,6 @@ with tempfile.TemporaryDirectory() as root:
     test_ne(train_cached(cfg.replace(lr=1e-4), ds_fn, device='cpu', root=root, progress=False), p1)
     test_fail(lambda: load_trained(root), contains='no trained model')
 
-
 # %% [markdown]
 # **LoRA fine-tuning** of a base model (here the tiny SD pipeline saved to disk, `base='sd:<path>'`) trains only the
 # adapters, and saves them in diffusers' format: the pipeline's own `load_lora_weights` reads them.
@@ -904,7 +928,6 @@ with tempfile.TemporaryDirectory() as sd_dir, tempfile.TemporaryDirectory() as t
         assert (after - before).abs().max() > 1e-4                                  # the trained adapter acts
         test_close(load_trained(tdir).unet(x, 10, encoder_hidden_states=e).sample, after, eps=1e-5)   # base + adapter
     test_fail(lambda: build_backbone(cfg.replace(image_size=32), 'cpu'), contains='16 px')
-
 
 # %% [markdown]
 # ## The quick-profile base model

@@ -36,6 +36,7 @@ torch.set_num_threads(1)        # the development machine is shared; tests stay 
 ROOT = data_root()              # $DERMNB_DATA
 t_start = time.time()
 
+
 # %% [markdown]
 # ## One interface
 #
@@ -244,7 +245,6 @@ with tempfile.TemporaryDirectory() as d:
     del os.environ['DERMNB_WEIGHTS']
 assert issubclass(WeightsMissingError, FileNotFoundError)
 
-
 # %% [markdown]
 # ## Captions from diagnosis, concepts and metadata
 #
@@ -284,7 +284,6 @@ test_eq(diagnosis_phrase(Record('a', 'x', Path('.'), diagnosis='nevus', diagnosi
 test_eq(diagnosis_phrase(Record('a', 'x', Path('.'))), None)
 test_eq(with_article('atypical nevus'), 'an atypical nevus'); test_eq(with_article('melanoma'), 'a melanoma')
 test_eq([with_article(f'{n}-year-old') for n in (8, 11, 18, 45, 85)], ['an 8-year-old', 'an 11-year-old', 'an 18-year-old', 'a 45-year-old', 'an 85-year-old'])
-
 
 # %%
 #| export
@@ -342,7 +341,6 @@ test_eq(concept_phrases(Record('x', 'derm7pt', Path('.'), concepts={'pigment_net
 test_eq(concept_phrases(Record('x', 'isic', Path('.'), concepts={'crowd_asymmetry': 2., 'crowd_border': 6., 'crowd_color': 2.33})),
         ['an asymmetric shape', 'an irregular border', '2 colours'])
 test_eq(concept_phrases(Record('x', 'isic2019', Path('.'))), [])
-
 
 # %%
 #| export
@@ -1042,7 +1040,6 @@ with tempfile.TemporaryDirectory() as d:
     again = load_dermclip(small.replace(epochs=10), cache=d, root=ROOT, train=False)    # a cache hit: no training
     with torch.no_grad(): test_close(again.encode_text('dermoscopy of a nevus'), enc_small.encode_text('dermoscopy of a nevus'), eps=1e-6)
 
-
 # %% [markdown]
 # ## Evaluation
 #
@@ -1276,7 +1273,6 @@ for col in ('isic2019_bal_acc', 'ph2_bal_acc', 'i2t_R@5', 't2i_R@5'):
     assert t.loc['DermCLIP (trained)', col] > t.loc['pretrained, untuned', col], col
     assert t.loc['DermCLIP (trained)', col] > t.loc['random towers, untuned', col], col
 
-
 # %% [markdown]
 # ## Two CLIP losses for edits
 #
@@ -1376,7 +1372,6 @@ with torch.no_grad():
     a = (enc_small.encode_image(edit) - enc_small.encode_image(imgs)).numpy()
     b = (enc_small.encode_text(['dermoscopy of a melanoma']) - enc_small.encode_text(['dermoscopy of a nevus'])).numpy()
 test_close(s.detach().numpy(), (a @ b[0]) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b[0])), eps=1e-5)
-
 
 # %% [markdown]
 # *Real images:* the loss is differentiable with respect to the edited image and a few gradient steps on the pixels
