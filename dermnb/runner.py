@@ -113,12 +113,14 @@ def run_figure(name:str, # figure name (notebook stem)
 
 # %% ../nbs/10_runner.ipynb #8a2eb7f3
 def write_index(entries:Sequence[dict], # entries from run_figure
-                out_root:str|Path='figures' # the figures folder
+                out_root:str|Path='figures', # the figures folder
+                known:Sequence[str]|None=None # figures that still exist; older entries of others are dropped
                )->Path:
     "Merge entries into figures/index.json and regenerate figures/README.md."
     out_root = Path(out_root); idx = out_root/'index.json'
     old = {e['name']: e for e in json.loads(idx.read_text())} if idx.exists() else {}
     old.update({e['name']: e for e in entries})
+    if known is not None: old = {k: v for k, v in old.items() if k in set(known)}
     order = FIGURE_ORDER + sorted(set(old) - set(FIGURE_ORDER))
     rows = [old[n] for n in order if n in old]
     save_json(rows, idx)
@@ -155,5 +157,5 @@ def run_figures(names:Sequence[str]|None=None, # figure names; None = all
         print(f"[{i}/{len(names)}] {n} ({profile}) ...", flush=True)
         e = run_figure(n, figs[n], out_root, profile, data_root, seed, device, progress)
         print(f"[{i}/{len(names)}] {n}: {e['status']} in {e['runtime_s']:.0f} s" + (f" -- {e['error']}" if e['error'] else ''), flush=True)
-        entries.append(e); write_index([e], out_root)
+        entries.append(e); write_index([e], out_root, known=list(figs))
     return entries

@@ -535,6 +535,7 @@ def make_optimizer(params:list, # trainable parameters
     try: return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError): return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+
 # %%
 ps = [torch.nn.Parameter(torch.randn(5, 3, generator=torch.Generator().manual_seed(0))) for _ in range(2)]
 qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]

@@ -165,12 +165,14 @@ def run_figure(name:str, # figure name (notebook stem)
 # %%
 #| export
 def write_index(entries:Sequence[dict], # entries from run_figure
-                out_root:str|Path='figures' # the figures folder
+                out_root:str|Path='figures', # the figures folder
+                known:Sequence[str]|None=None # figures that still exist; older entries of others are dropped
                )->Path:
     "Merge entries into figures/index.json and regenerate figures/README.md."
     out_root = Path(out_root); idx = out_root/'index.json'
     old = {e['name']: e for e in json.loads(idx.read_text())} if idx.exists() else {}
     old.update({e['name']: e for e in entries})
+    if known is not None: old = {k: v for k, v in old.items() if k in set(known)}
     order = FIGURE_ORDER + sorted(set(old) - set(FIGURE_ORDER))
     rows = [old[n] for n in order if n in old]
     save_json(rows, idx)
@@ -195,6 +197,9 @@ with tempfile.TemporaryDirectory() as d:
     md = (Path(d)/'README.md').read_text()
     assert '[a.png](x/a.png)' in md and md.index('data_overview') < md.index('| [x]')   # both kept, in order
     test_eq(len(json.loads((Path(d)/'index.json').read_text())), 2)
+    write_index([e], d, known=['x'])                                   # data_overview's notebook is gone: dropped
+    test_eq([r['name'] for r in json.loads((Path(d)/'index.json').read_text())], ['x'])
+    assert 'data_overview' not in (Path(d)/'README.md').read_text()
 
 
 # %% [markdown]
@@ -225,7 +230,7 @@ def run_figures(names:Sequence[str]|None=None, # figure names; None = all
         print(f"[{i}/{len(names)}] {n} ({profile}) ...", flush=True)
         e = run_figure(n, figs[n], out_root, profile, data_root, seed, device, progress)
         print(f"[{i}/{len(names)}] {n}: {e['status']} in {e['runtime_s']:.0f} s" + (f" -- {e['error']}" if e['error'] else ''), flush=True)
-        entries.append(e); write_index([e], out_root)
+        entries.append(e); write_index([e], out_root, known=list(figs))
     return entries
 
 

@@ -52,11 +52,15 @@
 # dermnb eval seg --pred DIR --gt DIR [--json] [--csv F]   # Dice, Jaccard, thresholded Jaccard, ...
 # dermnb eval fid DIR_A DIR_B [--json]                      # FID and KID on the standard Inception
 # dermnb segment --method diffseg|unet|otsu --images DIR --out DIR [--crf/--no-crf] [--uncertainty]
+# dermnb train base --profile quick|full [--refresh]        # train (or refresh) the shared base model, with an ETA
+# dermnb generate --method base --n N --out DIR [--seed S]  # sample it into PNGs (readable by dermnb eval fid)
 # ```
 #
 # Profiles: `quick` runs on a CPU in minutes with small models trained here on the real data; `full` uses a GPU,
 # paper settings and pretrained models (Stable Diffusion, CLIP) that you download yourself. Trained models are cached
-# by config under `$DERMNB_CACHE` (default `~/.cache/dermnb`).
+# by config under `$DERMNB_CACHE` (default `~/.cache/dermnb`): the first `make figures` trains the quick models (the
+# longest step; `figures/README.md` records what each figure took), later runs reuse them. Quick models train for a
+# fixed number of steps, so the same config gives the same model, and the same figures, on any machine.
 
 # %% [markdown]
 # ## A first look
