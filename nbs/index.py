@@ -60,7 +60,8 @@
 # paper settings and pretrained models (Stable Diffusion, CLIP) that you download yourself. Trained models are cached
 # by config under `$DERMNB_CACHE` (default `~/.cache/dermnb`): the first `make figures` trains the quick models (the
 # longest step; `figures/README.md` records what each figure took), later runs reuse them. Quick models train for a
-# fixed number of steps, so the same config gives the same model, and the same figures, on any machine.
+# fixed number of steps or epochs, not minutes, so a config gives the same model on a slow or a busy machine (up to
+# floating-point rounding across CPUs).
 
 # %% [markdown]
 # ## A first look
