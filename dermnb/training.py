@@ -417,27 +417,30 @@ def _save_model(cfg, bb, st, out, info=None):
 
 # %% ../nbs/03a_training.ipynb #0e0cd43f
 class TrainProgress:
-    "Progress bar of a run: over the time budget when it has one (so the ETA is real), else over the steps."
-    def __init__(self, cfg:TrainConfig, # the run's config (`max_minutes`, `steps`)
+    "Progress bar of a run over its steps, with the ETA, the loss and, for runs with a time budget, the budget left."
+    def __init__(self, cfg:TrainConfig, # the run's config (`steps`, `max_minutes`)
                  step:int=0, # step the run starts from (resumed runs)
                  elapsed:float=0., # training seconds already spent (resumed runs)
-                 enabled:bool=True # show the bar
+                 enabled:bool=True, # show the bar
+                 file=None, # stream for the bar; default stderr
+                 mininterval:float=1. # seconds between redraws (a notebook or log keeps every redraw)
                 ):
         self.budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else 0.
-        total, initial = (round(self.budget), min(round(elapsed), round(self.budget))) if self.budget else (cfg.steps, step)
-        self.bar = tqdm(total=total, initial=initial, unit='s' if self.budget else 'step', leave=False, disable=not enabled,
-                        desc=f'train ({cfg.max_minutes:g} min budget)' if self.budget else 'train',
-                        bar_format='{l_bar}{bar}| {n:.0f}/{total:.0f} s [ETA {remaining}{postfix}]' if self.budget else None)
+        self.bar = tqdm(total=cfg.steps, initial=step, unit='step', desc='train', leave=False, disable=not enabled,
+                        file=file, mininterval=mininterval,
+                        bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}, ETA {remaining}{postfix}]')
+        self.update(step, elapsed); self.bar.refresh()     # the first draw, with the budget left
 
     def update(self, step:int, # steps done
                elapsed:float, # training seconds spent
                loss:float|None=None # latest logged loss
               ):
-        "Move the bar to `step` / `elapsed` and show the step count and loss."
-        if self.budget: self.bar.n = min(elapsed, self.budget)
-        else: self.bar.n = step
-        post = {'step': step, **({'loss': f'{loss:.4f}'} if loss is not None else {})}
-        self.bar.set_postfix(post, refresh=False); self.bar.refresh()
+        "Move the bar to `step`, show the loss and the budget left (redrawn at most every `mininterval`)."
+        post = {**({'loss': f'{loss:.4f}'} if loss is not None else {}),
+                **({'budget left': tqdm.format_interval(max(0., self.budget - elapsed))} if self.budget else {})}
+        self.bar.set_postfix(post, refresh=False)
+        if self.bar.disable: self.bar.n = step
+        else: self.bar.update(step - self.bar.n)      # tqdm's update throttles the redraws
 
     def close(self): self.bar.close()
 

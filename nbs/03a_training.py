@@ -631,44 +631,52 @@ def _save_model(cfg, bb, st, out, info=None):
 # %%
 #| export
 class TrainProgress:
-    "Progress bar of a run: over the time budget when it has one (so the ETA is real), else over the steps."
-    def __init__(self, cfg:TrainConfig, # the run's config (`max_minutes`, `steps`)
+    "Progress bar of a run over its steps, with the ETA, the loss and, for runs with a time budget, the budget left."
+    def __init__(self, cfg:TrainConfig, # the run's config (`steps`, `max_minutes`)
                  step:int=0, # step the run starts from (resumed runs)
                  elapsed:float=0., # training seconds already spent (resumed runs)
-                 enabled:bool=True # show the bar
+                 enabled:bool=True, # show the bar
+                 file=None, # stream for the bar; default stderr
+                 mininterval:float=1. # seconds between redraws (a notebook or log keeps every redraw)
                 ):
         self.budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else 0.
-        total, initial = (round(self.budget), min(round(elapsed), round(self.budget))) if self.budget else (cfg.steps, step)
-        self.bar = tqdm(total=total, initial=initial, unit='s' if self.budget else 'step', leave=False, disable=not enabled,
-                        desc=f'train ({cfg.max_minutes:g} min budget)' if self.budget else 'train',
-                        bar_format='{l_bar}{bar}| {n:.0f}/{total:.0f} s [ETA {remaining}{postfix}]' if self.budget else None)
+        self.bar = tqdm(total=cfg.steps, initial=step, unit='step', desc='train', leave=False, disable=not enabled,
+                        file=file, mininterval=mininterval,
+                        bar_format='{l_bar}{bar}| {n_fmt}/{total_fmt} steps [{elapsed}, ETA {remaining}{postfix}]')
+        self.update(step, elapsed); self.bar.refresh()     # the first draw, with the budget left
 
     def update(self, step:int, # steps done
                elapsed:float, # training seconds spent
                loss:float|None=None # latest logged loss
               ):
-        "Move the bar to `step` / `elapsed` and show the step count and loss."
-        if self.budget: self.bar.n = min(elapsed, self.budget)
-        else: self.bar.n = step
-        post = {'step': step, **({'loss': f'{loss:.4f}'} if loss is not None else {})}
-        self.bar.set_postfix(post, refresh=False); self.bar.refresh()
+        "Move the bar to `step`, show the loss and the budget left (redrawn at most every `mininterval`)."
+        post = {**({'loss': f'{loss:.4f}'} if loss is not None else {}),
+                **({'budget left': tqdm.format_interval(max(0., self.budget - elapsed))} if self.budget else {})}
+        self.bar.set_postfix(post, refresh=False)
+        if self.bar.disable: self.bar.n = step
+        else: self.bar.update(step - self.bar.n)      # tqdm's update throttles the redraws
 
     def close(self): self.bar.close()
 
 
 # %% [markdown]
-# Budgeted runs (the quick base models stop on `max_minutes`, with `steps` only an upper bound) would show a bar over a
-# million steps and an ETA of days; `TrainProgress` measures them against the budget instead, so `dermnb train base`
-# shows the real remaining time, with the step count and the loss beside it.
+# A run stops at `steps` or when its time budget is spent, whichever comes first. The bar counts steps, so its ETA
+# is right when the steps end the run (the quick models: their budget is only a safety cap), and a budgeted run
+# also shows the budget left, which is the real remaining time when the budget ends it first. Redraws are throttled
+# to one a second, since notebooks and logs keep every one of them.
 
 # %%
-cfg_b = TrainConfig(max_minutes=2, steps=10**6)
+import io
+cfg_b = TrainConfig(max_minutes=2, steps=4000)
 pb = TrainProgress(cfg_b, enabled=False); pb.update(step=40, elapsed=30., loss=.5)
-test_eq((pb.bar.total, pb.bar.n), (120, 30.)); test_eq(pb.bar.postfix, 'step=40, loss=0.5000')
-pb.update(step=200, elapsed=150.); test_eq(pb.bar.n, 120)            # never past the budget
+test_eq((pb.bar.total, pb.bar.n), (4000, 40)); test_eq(pb.bar.postfix, 'loss=0.5000, budget left=01:30')
+pb.update(step=200, elapsed=150.); test_eq(pb.bar.postfix, 'budget left=00:00')          # spent: the run stops here
 ps = TrainProgress(TrainConfig(steps=50), step=10, enabled=False); ps.update(step=25, elapsed=3.)
-test_eq((ps.bar.total, ps.bar.n), (50, 25))
-test_eq(TrainProgress(cfg_b, step=3, elapsed=500., enabled=False).bar.n, 120)   # resumed past its budget
+test_eq((ps.bar.total, ps.bar.n, ps.bar.postfix), (50, 25, ''))                      # no budget, nothing about it
+buf = io.StringIO(); pt = TrainProgress(cfg_b, file=buf)
+for i in range(500): pt.update(step=i + 1, elapsed=i * 1e-3)                         # 500 fast steps...
+pt.close(); out = buf.getvalue()
+assert out.count('ETA') < 5 and '/4000 steps' in out and 'budget left=02:00' in out, out   # ...a few redraws
 pb.close(); ps.close()
 
 
