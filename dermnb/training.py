@@ -341,11 +341,10 @@ def _loss(bb:Backbone, cfg:TrainConfig, b:dict, sl:slice, device, amp_dtype)->to
     return F.mse_loss(pred.float(), target.float())
 
 # %% ../nbs/03a_training.ipynb #b47b6c5d
-def make_optimizer(params:list, # trainable parameters
-                   cfg:TrainConfig, # learning rate and weight decay
-                   device:str|torch.device='cpu' # where the parameters live
+def make_optimizer(params:list, # trainable parameters (all on one device)
+                   cfg:TrainConfig # learning rate and weight decay
                   )->torch.optim.AdamW:
-    "AdamW for `params`, fused where this torch supports it on `device`."
+    "AdamW for `params`, fused where this torch supports it on their device."
     try: return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError): return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -365,7 +364,7 @@ def _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache,
     if not resume: shutil.rmtree(out/'checkpoints', ignore_errors=True)
     key = data_cache_key(cfg) if data_cache and encode_text is None else None
     data = prepare_data(dataset, bb, cfg, fit_scaling=not cfg.base and not saved, cache_key=key, cache_root=cache_root, progress=progress)
-    opt = make_optimizer(params, cfg, dev)
+    opt = make_optimizer(params, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1., (s + 1) / max(1, cfg.warmup)))
     amp = _amp(cfg, dev)
     scaler = torch.amp.GradScaler('cuda', enabled=amp == torch.float16)

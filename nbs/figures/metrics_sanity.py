@@ -143,7 +143,8 @@ ged_table
 #
 # DermCLIP (EfficientNet-Lite0 ImageNet + all-MiniLM-L6-v2 towers, trained contrastively with open_clip's `ClipLoss`
 # on concept captions) against the same model before contrastive training (pretrained towers, untrained
-# projections), the same architecture from random initialisation trained with the same recipe, and chance.
+# projections), the same architecture from random initialisation (trained with the same recipe, and untrained),
+# and chance.
 # Zero-shot accuracy and balanced accuracy on the ISIC 2019 and PH2 test splits; image→text and text→image
 # recall@1/5 on a held-out pool of test images. Both DermCLIPs train on a cache miss (minutes on a CPU in the quick
 # profile), then come from the cache.
