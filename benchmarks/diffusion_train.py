@@ -69,13 +69,14 @@ def part_plain(cfg, steps, device, ema=False):
 
 
 def part_sample(cfg, steps, device, n=32, ddim_steps=20):
-    "Sampling speed: the config's (untrained) backbone, guided DDIM, decoded to pixels."
-    from dermnb.training import build_backbone, generate
+    "Sampling speed: the config's (untrained) backbone, guided DDIM, decoded to pixels, at generate's default batch."
+    from dermnb.training import build_backbone, generate, sample_batch_size
     bb, _ = build_backbone(cfg, device); bb.unet.eval()
     caps = ['dermoscopy of a melanoma'] * n
     generate(bb, caps[:2], steps=2, batch_size=2)             # warm-up
-    t0 = time.time(); generate(bb, caps, guidance_scale=2., steps=ddim_steps, batch_size=n)
-    return {'images_per_s': n / (time.time() - t0), 'ddim_steps': ddim_steps, 'guidance_scale': 2.0, 'n': n}
+    t0 = time.time(); generate(bb, caps, guidance_scale=2., steps=ddim_steps)
+    return {'images_per_s': n / (time.time() - t0), 'ddim_steps': ddim_steps, 'guidance_scale': 2.0, 'n': n,
+            'batch_size': sample_batch_size(bb)}
 
 
 PARTS = {'ours': part_ours, 'plain': part_plain, 'plain_ema': lambda c, s, d: part_plain(c, s, d, ema=True), 'sample': part_sample}
@@ -116,6 +117,6 @@ if __name__ == '__main__':
     for ref, what in (('plain', 'the bare loop'), ('plain_ema', 'the loop with clipping + EMA (same work as ours)')):
         q = ratio(ref)
         print(f"  ours / {what}: median paired ratio {q:.3f} (target >= 1.0: {'met' if q >= 1 else 'MISSED'})")
-    print(f"sampling images/s  {sample['images_per_s']:.2f} (DDIM {sample['ddim_steps']} steps, guidance 2, decoded)")
+    print(f"sampling images/s  {sample['images_per_s']:.2f} (DDIM {sample['ddim_steps']} steps, guidance 2, decoded, batch {sample['batch_size']})")
     print(f"peak memory MB     plain {rounds[0]['plain']['peak_mb']:.0f}  plain+EMA {rounds[0]['plain_ema']['peak_mb']:.0f}  "
           f"ours {rounds[0]['ours']['peak_mb']:.0f}  sampling {sample['peak_mb']:.0f}")

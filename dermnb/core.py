@@ -13,10 +13,10 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['PROFILES', 'GT_COLOR', 'PRED_COLOR', 'DermnbError', 'DataError', 'WeightsMissingError', 'Profile', 'get_profile',
-           'stable_hash', 'Config', 'seed_everything', 'get_device', 'make_generator', 'flush_denormals',
-           'atomic_write', 'atomic_save', 'save_json', 'cache_root', 'cached_dir', 'data_root', 'load_image',
-           'load_mask', 'save_image', 'to_pil', 'overlay_contours', 'image_grid', 'save_figure']
+__all__ = ['PROFILES', 'CPU_BATCH', 'GT_COLOR', 'PRED_COLOR', 'DermnbError', 'DataError', 'WeightsMissingError', 'Profile',
+           'get_profile', 'stable_hash', 'Config', 'seed_everything', 'get_device', 'make_generator', 'flush_denormals',
+           'channels_last', 'atomic_write', 'atomic_save', 'save_json', 'cache_root', 'cached_dir', 'data_root',
+           'load_image', 'load_mask', 'save_image', 'to_pil', 'overlay_contours', 'image_grid', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #3e483892
 class DermnbError(Exception):
@@ -108,6 +108,14 @@ def flush_denormals(on:bool=True # flush denormal floats to zero on this thread 
     return bool(torch.set_flush_denormal(on)) and on
 
 if not os.environ.get('DERMNB_KEEP_DENORMALS'): flush_denormals()
+
+# %% ../nbs/00_core.ipynb #0fb77880
+CPU_BATCH = 16   # images per convolutional inference batch on a CPU: larger batches outgrow the cache
+
+def channels_last(x:torch.Tensor # an image batch (B, C, H, W)
+                 )->torch.Tensor:
+    "`x` in channels-last memory, the layout oneDNN's CPU convolutions are fastest on (same values and shape)."
+    return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
 
 # %% ../nbs/00_core.ipynb #039b21bd
 @contextlib.contextmanager

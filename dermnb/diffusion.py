@@ -14,7 +14,7 @@ from diffusers import (UNet2DModel, UNet2DConditionModel, DDIMScheduler, DDIMInv
                        StableDiffusionPipeline)
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
-from .core import DermnbError, DataError, WeightsMissingError, data_root, get_device, save_json
+from .core import DermnbError, DataError, WeightsMissingError, data_root, get_device, save_json, channels_last, CPU_BATCH
 
 # %% auto #0
 __all__ = ['TEXT_ENCODERS', 'UNET_LORA_TARGETS', 'TEXT_LORA_TARGETS', 'LORA_FILE', 'SD_DEFAULT_MODEL', 'TAEBlock', 'tae_encoder',
@@ -110,8 +110,13 @@ class LatentAE(nn.Module):
         self.register_buffer('shift', torch.as_tensor(shift, dtype=torch.float32).flatten().expand(C).clone())
         self.register_buffer('scale', torch.as_tensor(scale, dtype=torch.float32).flatten().expand(C).clone())
 
-    def encode_raw(self, x): return self.ae.encode(x).latent_dist.mode() if self.is_kl else self.ae.encoder((x + 1) / 2)
-    def decode_raw(self, z): return self.ae.decode(z).sample if self.is_kl else self.ae.decoder(z) * 2 - 1
+    # the tiny AE's convolutions run channels-last (oneDNN's fast CPU layout, see dermnb.core); results come back contiguous
+    def encode_raw(self, x):
+        if self.is_kl: return self.ae.encode(x).latent_dist.mode()
+        return self.ae.encoder(channels_last((x + 1) / 2)).contiguous()
+    def decode_raw(self, z):
+        if self.is_kl: return self.ae.decode(z).sample
+        return (self.ae.decoder(channels_last(z)) * 2 - 1).contiguous()
     def encode(self, x:torch.Tensor)->torch.Tensor:
         "Pixels (B,3,H,W) in [-1,1] -> normalised latents (B,C,H/f,W/f)."
         return (self.encode_raw(x.to(self.shift.device)) - self.shift.view(1, -1, 1, 1)) / self.scale.view(1, -1, 1, 1)
@@ -122,7 +127,7 @@ class LatentAE(nn.Module):
     @torch.no_grad()
     def fit_scaling(self, x:torch.Tensor, # sample of training images in [-1,1]
                     per_channel:bool=True, # one shift/scale per latent channel, else one overall
-                    batch_size:int=32 # images encoded at once
+                    batch_size:int=CPU_BATCH # images encoded at once
                    )->LatentAE:
         "Set shift/scale to the mean/std of the raw latents of `x`, so `encode(x)` has zero mean, unit std."
         z = torch.cat([self.encode_raw(b.to(self.shift.device)) for b in x.split(batch_size)]).float()

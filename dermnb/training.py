@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from diffusers.training_utils import EMAModel
 from .core import (Config, DermnbError, DataError, WeightsMissingError, atomic_save, save_json, cached_dir,
-                         cache_root, get_device, get_profile, seed_everything)
+                         cache_root, get_device, get_profile, seed_everything, CPU_BATCH)
 from .diffusion import (Backbone, make_unet, make_scheduler, load_ae, load_text_encoder, load_sd_pipeline,
                               unet_eps, ddim_sample, add_lora, save_lora, load_lora, LORA_FILE)
 
@@ -27,7 +27,8 @@ __all__ = ['RESUME_FREE', 'BASE_DATASETS', 'QUICK_BASE_STEPS', 'TrainConfig', 'c
            'load_checkpoint', 'TrainData', 'prepare_data', 'batch_indices', 'draw_batch', 'TrainState', 'check_resume',
            'find_checkpoint', 'TrainingDivergedError', 'make_optimizer', 'data_cache_key', 'TrainProgress',
            'train_diffusion', 'load_trained', 'train_cached', 'base_config', 'base_dataset', 'load_base_model',
-           'pixel_config', 'generate', 'fid_kid', 'backbone_comparison', 'inversion_error', 'taef2_psnr']
+           'pixel_config', 'sample_batch_size', 'generate', 'fid_kid', 'backbone_comparison', 'inversion_error',
+           'taef2_psnr']
 
 # %% ../nbs/03a_training.ipynb #dcbe7a8b
 @dataclass(frozen=True)
@@ -171,7 +172,9 @@ def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)-
             raise DataError(f"dataset item {s} is {x.shape[-1]}x{x.shape[-2]} but the config's image_size is "
                             f"{cfg.image_size}: build the dataset with size={cfg.image_size}")
         v = torch.stack([x, x.flip(-1)], 1) if cfg.flip and bb.ae is not None else x[:, None]
-        if bb.ae is not None: v = torch.stack([bb.ae.encode_raw(v[:, k].to(bb.device)).float().cpu() for k in range(v.shape[1])], 1)
+        if bb.ae is not None:   # in cache-sized sub-batches (see dermnb.core.CPU_BATCH)
+            v = torch.stack([torch.cat([bb.ae.encode_raw(b.to(bb.device)).float().cpu() for b in v[:, k].split(CPU_BATCH)])
+                             for k in range(v.shape[1])], 1)
         xs.append(v); labels += [int(it.get('label', -1)) for it in items]; caps += [str(it.get('caption', '')) for it in items]
     uniq = [''] + sorted(set(caps) - {''}); idx = {c: i for i, c in enumerate(uniq)}
     emb = None
@@ -539,7 +542,7 @@ def base_config(profile:str='quick', # run profile (its image size and time budg
     return TrainConfig(data='+'.join(BASE_DATASETS) + ':train:squash:concept_caption', space='latent', ae='taef2',
                        image_size=p.image_size, cond='text', text_encoder='minilm', channels=(64, 128), attn_levels=(False, True),
                        head_dim=32, beta_schedule='linear', prediction_type='v_prediction', steps=n, batch_size=32, lr=5e-4, warmup=200,
-                       ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=3 * p.train_minutes, snapshot_steps=(3 * n // 10, 6 * n // 10),
+                       ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=3 * p.train_minutes, snapshot_steps=(3 * n // 20, 3 * n // 10, 6 * n // 10),
                        ckpt_every=200, log_every=10, seed=seed)
 
 def base_dataset(image_size:int=64, # square side, pixels
@@ -571,26 +574,32 @@ def pixel_config(profile:str='quick', # run profile
                  seed:int=0 # seed
                 )->TrainConfig:
     "The pixel-space twin of `base_config` (same data and captions, equal CPU time at its points), for the space comparison."
-    n = 520 if get_profile(profile).name == 'quick' else base_config(profile, seed).steps
+    n = 260 if get_profile(profile).name == 'quick' else base_config(profile, seed).steps
     return base_config(profile, seed).replace(space='pixel', channels=(32, 64, 64, 128), attn_levels=(False, False, False, True),
                                               batch_size=16, warmup=20, steps=n, snapshot_steps=(n // 2,))
 
 # %% ../nbs/03a_training.ipynb #f751e857
+def sample_batch_size(bb:Backbone # the backbone
+                     )->int:
+    "Default images per sampling batch: 50, or on a CPU as many as keep the UNet input near `CPU_BATCH` 64-px images."
+    s = bb.unet.config.sample_size; area = s * s if isinstance(s, int) else s[0] * s[1]
+    return 50 if bb.device.type != 'cpu' else max(1, min(50, CPU_BATCH * 64 * 64 // area))
+
 @torch.no_grad()
 def generate(bb:Backbone, # the backbone
              conds:Sequence, # one condition per image: captions or labels (None entries: unconditional)
              guidance_scale:float=2., # classifier-free guidance weight
              steps:int=20, # DDIM steps
-             batch_size:int=50, # images per sampling batch
+             batch_size:int|None=None, # images per sampling batch; None = `sample_batch_size(bb)`
              seed:int=0 # batch i uses make_generator(seed + i)
             )->torch.Tensor:
     "Images (N,3,S,S) in [-1,1], one per condition, sampled in seeded batches."
     from dermnb.core import make_generator
-    out = []
-    for i in range(0, len(conds), batch_size):
-        c = list(conds[i:i + batch_size]) if bb.kind != 'none' else None
-        n = len(conds[i:i + batch_size])
-        out.append(bb.sample(n, cond=c, guidance_scale=guidance_scale, steps=steps, generator=make_generator(seed + i // batch_size)).cpu())
+    bs, out = batch_size or sample_batch_size(bb), []
+    for i in range(0, len(conds), bs):
+        c = list(conds[i:i + bs]) if bb.kind != 'none' else None
+        n = len(conds[i:i + bs])
+        out.append(bb.sample(n, cond=c, guidance_scale=guidance_scale, steps=steps, generator=make_generator(seed + i // bs)).cpu())
     return torch.cat(out)
 
 # %% ../nbs/03a_training.ipynb #b66f744c

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from diffusers.training_utils import EMAModel
 from dermnb.core import (Config, DermnbError, DataError, WeightsMissingError, atomic_save, save_json, cached_dir,
-                         cache_root, get_device, get_profile, seed_everything)
+                         cache_root, get_device, get_profile, seed_everything, CPU_BATCH)
 from dermnb.diffusion import (Backbone, make_unet, make_scheduler, load_ae, load_text_encoder, load_sd_pipeline,
                               unet_eps, ddim_sample, add_lora, save_lora, load_lora, LORA_FILE)
 
@@ -253,7 +253,9 @@ def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)-
             raise DataError(f"dataset item {s} is {x.shape[-1]}x{x.shape[-2]} but the config's image_size is "
                             f"{cfg.image_size}: build the dataset with size={cfg.image_size}")
         v = torch.stack([x, x.flip(-1)], 1) if cfg.flip and bb.ae is not None else x[:, None]
-        if bb.ae is not None: v = torch.stack([bb.ae.encode_raw(v[:, k].to(bb.device)).float().cpu() for k in range(v.shape[1])], 1)
+        if bb.ae is not None:   # in cache-sized sub-batches (see dermnb.core.CPU_BATCH)
+            v = torch.stack([torch.cat([bb.ae.encode_raw(b.to(bb.device)).float().cpu() for b in v[:, k].split(CPU_BATCH)])
+                             for k in range(v.shape[1])], 1)
         xs.append(v); labels += [int(it.get('label', -1)) for it in items]; caps += [str(it.get('caption', '')) for it in items]
     uniq = [''] + sorted(set(caps) - {''}); idx = {c: i for i, c in enumerate(uniq)}
     emb = None
@@ -972,7 +974,7 @@ def base_config(profile:str='quick', # run profile (its image size and time budg
     return TrainConfig(data='+'.join(BASE_DATASETS) + ':train:squash:concept_caption', space='latent', ae='taef2',
                        image_size=p.image_size, cond='text', text_encoder='minilm', channels=(64, 128), attn_levels=(False, True),
                        head_dim=32, beta_schedule='linear', prediction_type='v_prediction', steps=n, batch_size=32, lr=5e-4, warmup=200,
-                       ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=3 * p.train_minutes, snapshot_steps=(3 * n // 10, 6 * n // 10),
+                       ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=3 * p.train_minutes, snapshot_steps=(3 * n // 20, 3 * n // 10, 6 * n // 10),
                        ckpt_every=200, log_every=10, seed=seed)
 
 def base_dataset(image_size:int=64, # square side, pixels
@@ -1008,7 +1010,7 @@ def load_base_model(profile:str='quick', # 'quick' (trained here, cached) or 'fu
 
 # %%
 cfg_b = base_config('quick')
-test_eq((cfg_b.space, cfg_b.cond, cfg_b.image_size, cfg_b.steps, cfg_b.snapshot_steps), ('latent', 'text', 64, 4000, (1200, 2400)))
+test_eq((cfg_b.space, cfg_b.cond, cfg_b.image_size, cfg_b.steps, cfg_b.snapshot_steps), ('latent', 'text', 64, 4000, (600, 1200, 2400)))
 test_eq(cfg_b.max_minutes, 3 * get_profile('quick').train_minutes)     # a safety cap, not what ends the run
 check_config(cfg_b)
 dsb = base_dataset(64, 'val')
@@ -1022,11 +1024,13 @@ it = dsb[0]; test_eq(it['image'].shape, (3, 64, 64)); assert it['caption'].start
 # and conditioning, with a 64-px UNet (four levels down to 8x8, attention at 8x8). At equal time it sees far fewer
 # images (a 64-px UNet step costs much more than an 8x8 one), so it also gets a smaller batch and a shorter warm-up,
 # to make some progress. Its steps are set to match the latent model's snapshots in CPU time on the reference
-# machine: its snapshot at step 260 and its end at step 520 take about as long as the latent model's snapshots at
-# steps 1200 and 2400 (the figure plots the measured minutes of every point, so any mismatch is visible). It stops
-# there, at 60% of the latent model's training time, because it is the comparison's expensive side (sampling it
-# costs over ten times as much per image: the table's `sample_s_per_image`), and in a first 10-minute run its FID had
-# already stopped improving between 2/3 of the budget and the end.
+# machine: its snapshot at step 130 and its end at step 260 take about as long as the latent model's snapshots at
+# steps 600 and 1200 (the figure plots the measured minutes of every point, so any mismatch is visible). It stops
+# there, at about 30% of the latent model's training time, because it is the comparison's expensive side (sampling
+# it costs over ten times as much per image: the table's `sample_s_per_image`) and all paper figures share one time
+# budget. Longer runs did not change the verdict: at 520 steps (5.9 min) its FID was 268 against the latent model's
+# 149 at 5.6 min (n = 100; `figures/backbone` of commit f0b45d4), and in a first 10-minute run its FID had already
+# stopped improving between 2/3 of the budget and the end.
 
 # %%
 #| export
@@ -1034,37 +1038,47 @@ def pixel_config(profile:str='quick', # run profile
                  seed:int=0 # seed
                 )->TrainConfig:
     "The pixel-space twin of `base_config` (same data and captions, equal CPU time at its points), for the space comparison."
-    n = 520 if get_profile(profile).name == 'quick' else base_config(profile, seed).steps
+    n = 260 if get_profile(profile).name == 'quick' else base_config(profile, seed).steps
     return base_config(profile, seed).replace(space='pixel', channels=(32, 64, 64, 128), attn_levels=(False, False, False, True),
                                               batch_size=16, warmup=20, steps=n, snapshot_steps=(n // 2,))
 
 
 # %% [markdown]
 # `generate` samples images for a list of conditions in batches, each batch from its own seeded generator, so the
-# result does not depend on anything but the seed and the batch size.
+# result does not depend on anything but the seed and the batch size. On a CPU the default batch shrinks with the
+# UNet's input area: a 64-px pixel UNet runs about twice as fast per image at 16 images (32 with guidance) as at 50
+# (`benchmarks/cpu_layout.py`), while an 8x8 latent UNet is fastest at large batches.
 
 # %%
 #| export
+def sample_batch_size(bb:Backbone # the backbone
+                     )->int:
+    "Default images per sampling batch: 50, or on a CPU as many as keep the UNet input near `CPU_BATCH` 64-px images."
+    s = bb.unet.config.sample_size; area = s * s if isinstance(s, int) else s[0] * s[1]
+    return 50 if bb.device.type != 'cpu' else max(1, min(50, CPU_BATCH * 64 * 64 // area))
+
 @torch.no_grad()
 def generate(bb:Backbone, # the backbone
              conds:Sequence, # one condition per image: captions or labels (None entries: unconditional)
              guidance_scale:float=2., # classifier-free guidance weight
              steps:int=20, # DDIM steps
-             batch_size:int=50, # images per sampling batch
+             batch_size:int|None=None, # images per sampling batch; None = `sample_batch_size(bb)`
              seed:int=0 # batch i uses make_generator(seed + i)
             )->torch.Tensor:
     "Images (N,3,S,S) in [-1,1], one per condition, sampled in seeded batches."
     from dermnb.core import make_generator
-    out = []
-    for i in range(0, len(conds), batch_size):
-        c = list(conds[i:i + batch_size]) if bb.kind != 'none' else None
-        n = len(conds[i:i + batch_size])
-        out.append(bb.sample(n, cond=c, guidance_scale=guidance_scale, steps=steps, generator=make_generator(seed + i // batch_size)).cpu())
+    bs, out = batch_size or sample_batch_size(bb), []
+    for i in range(0, len(conds), bs):
+        c = list(conds[i:i + bs]) if bb.kind != 'none' else None
+        n = len(conds[i:i + bs])
+        out.append(bb.sample(n, cond=c, guidance_scale=guidance_scale, steps=steps, generator=make_generator(seed + i // bs)).cpu())
     return torch.cat(out)
 
 
 # %%
 m_tiny = Backbone(make_unet('class', sample_size=8, block_out_channels=(16, 32), num_classes=3, head_dim=8), make_scheduler(), num_classes=3, image_size=8)
+test_eq(sample_batch_size(m_tiny), 50)                                  # small inputs: large batches
+test_eq(sample_batch_size(Backbone(make_unet('none', sample_size=64, block_out_channels=(8, 8), head_dim=8), make_scheduler(), image_size=64)), CPU_BATCH)
 g1 = generate(m_tiny, [0, 1, 2, -1, 0], steps=2, batch_size=2)
 test_eq(g1.shape, (5, 3, 8, 8)); test_eq(generate(m_tiny, [0, 1, 2, -1, 0], steps=2, batch_size=2), g1)
 

@@ -25,7 +25,7 @@ import open_clip
 from open_clip.hf_model import HFTextEncoder
 from open_clip.tokenizer import HFTokenizer
 from dermnb.core import (Config, DermnbError, DataError, WeightsMissingError, cached_dir, data_root, get_device,
-                         get_profile, seed_everything, make_generator, atomic_save, save_json)
+                         get_profile, seed_everything, make_generator, atomic_save, save_json, channels_last, CPU_BATCH)
 from dermnb.data import Record, Records, LABELS, ISIC2019_MAP, DermDataset, get_split, fit_square
 
 # %%
@@ -492,6 +492,7 @@ class LiteImageTower(nn.Module):
 
     def stem(self, x:torch.Tensor)->torch.Tensor:
         "The frozen bottom: normalised pixels -> the feature map the trainable top starts from."
+        x = channels_last(x)      # oneDNN's fast CPU layout (dermnb.core); same values
         for i in range(self.n_frozen): x = self._layer(i, x)
         return x
 
@@ -801,7 +802,7 @@ test_eq(dihedral(xx, 0), xx)
 def precompute_stems(model:DermCLIP, # model whose frozen image layers run
                      records:Sequence[Record], # images to encode
                      cfg:DermCLIPConfig, # image size, fit, views
-                     batch_size:int=64, # images per forward pass
+                     batch_size:int=CPU_BATCH, # images per forward pass (small batches stay in the CPU cache)
                      log:Callable|None=None # progress callback(str)
                     )->torch.Tensor:
     "Frozen-stem feature maps (N, views, C, h, w) in float16, view 0 = the image as it is."
@@ -1159,7 +1160,7 @@ PH2_CLASSES = ['common nevus', 'atypical nevus', 'melanoma']
 # %%
 #| export
 @torch.no_grad()
-def _embed_images(clip:ClipEncoder, recs:Sequence[Record], memo:dict, batch_size:int=128)->torch.Tensor:
+def _embed_images(clip:ClipEncoder, recs:Sequence[Record], memo:dict, batch_size:int=CPU_BATCH)->torch.Tensor:
     "Normalised image embeddings of records, decoding each (record set, size, fit) once."
     key = (id(recs), clip.image_size, clip.fit)
     if key not in memo: memo[key] = DermDataset(recs, clip.image_size, clip.fit, with_mask=False).images_uint8()
@@ -1177,7 +1178,8 @@ def evaluate_clip(models:ClipEncoder|dict, # one ClipEncoder, or {row name: Clip
                   n_retrieval:int=1000, # retrieval pool size
                   chance:bool=False, # add the chance-level row
                   limit:int=0, # cap every evaluation set (tests)
-                  batch_size:int=128 # images per forward pass
+                  batch_size:int=CPU_BATCH, # images per forward pass
+                  text_batch_size:int=128 # captions per forward pass
                  )->pd.DataFrame:
     "Zero-shot accuracy / balanced accuracy (ISIC 2019, PH2) and retrieval recall@1/5, one row per model."
     models = models if isinstance(models, dict) else {models.name: models}
@@ -1194,7 +1196,7 @@ def evaluate_clip(models:ClipEncoder|dict, # one ClipEncoder, or {row name: Clip
         row['ph2_acc'], row['ph2_bal_acc'] = _zero_shot(clip, zp, PH2_CLASSES, y_ph2)
         row['ph2_mel_nev_acc'], row['ph2_mel_nev_bal_acc'] = _zero_shot(clip, zp, ['nevus', 'melanoma'], y_ph2s)
         ri = _embed_images(clip, sets['retrieval'], memo, batch_size)
-        with torch.no_grad(): rt = torch.cat([clip.encode_text(caps[i:i + batch_size]).cpu() for i in range(0, len(caps), batch_size)])
+        with torch.no_grad(): rt = torch.cat([clip.encode_text(caps[i:i + text_batch_size]).cpu() for i in range(0, len(caps), text_batch_size)])
         row.update(retrieval_recall(ri, rt, caps)); rows.append(row)
     if chance:
         rows.append({'model': 'chance', 'isic2019_acc': 1 / len(isic_names), 'isic2019_bal_acc': 1 / len(isic_names),

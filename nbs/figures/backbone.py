@@ -5,7 +5,7 @@
 # text-conditional base model in TAEF2 latent space against its pixel-space twin at equal CPU training time (loss
 # curves, FID/KID vs training time, samples); and deterministic DDIM inversion of real test images with the base
 # model. The models train on a cache miss (the latent model for a fixed number of steps, about the profile's
-# `train_minutes` on a 2-core CPU, its pixel twin for about 60% of that, plus a one-time encoding of the training
+# `train_minutes` on a 2-core CPU, its pixel twin for about 30% of that, plus a one-time encoding of the training
 # images), then everything comes from the cache.
 
 # %% tags=["parameters"]
