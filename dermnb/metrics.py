@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from .core import DataError, WeightsMissingError, atomic_save, cached_dir, load_image, load_mask, get_device, data_root
+from .core import DataError, WeightsMissingError, atomic_save, cached_dir, load_image, load_mask, get_device, data_root, channels_last, CPU_BATCH
 
 # %% auto #0
 __all__ = ['ISIC2018_IMAGES', 'ISIC2018_MASKS', 'SEG_METRICS', 'ISIC_JACCARD_THRESHOLD', 'SEG_SUFFIX', 'INCEPTION_SHA1',
@@ -246,17 +246,18 @@ def _image_tensor(path)->torch.Tensor:
 
 @torch.inference_mode()
 def inception_features(images, # float tensor (N, 3, H, W) in [0, 1], or a list of such (3, H, W) tensors or image paths
-                       batch_size:int=32, # images per forward pass
+                       batch_size:int|None=None, # images per forward pass; None = `CPU_BATCH` on a CPU, 64 on a GPU
                        device='auto' # 'auto', 'cpu' or 'cuda'
                       )->np.ndarray:
     "2048-d FID Inception features (float32, N x 2048) of RGB images in [0, 1]."
     dev = get_device(device); net = inception_model(dev); out = []
+    batch_size = batch_size or (CPU_BATCH if dev.type == 'cpu' else 64)
     for i in range(0, len(images), batch_size):
         chunk = images[i:i + batch_size]
         if not torch.is_tensor(chunk):
             chunk = [_image_tensor(c) if isinstance(c, (str, Path)) else c for c in chunk]
             chunk = torch.cat([_fid_resize(c[None]) for c in chunk])
-        out.append(net(fid_preprocess(chunk.to(dev))).float().cpu().numpy())
+        out.append(net(channels_last(fid_preprocess(chunk.to(dev)))).float().cpu().numpy())   # see dermnb.core.channels_last
     return np.concatenate(out) if out else np.zeros((0, 2048), np.float32)
 
 # %% ../nbs/02_metrics.ipynb #f82f9837
@@ -270,7 +271,7 @@ def image_files(folder:str|Path # folder of images
     return files
 
 def folder_features(files, # image paths, or a folder
-                    batch_size:int=32, # images per forward pass
+                    batch_size:int|None=None, # images per forward pass (see `inception_features`)
                     device='auto', # 'auto', 'cpu' or 'cuda'
                     cache:bool=True, # reuse / store features in the dermnb cache
                     cache_root:str|Path|None=None # cache root override (default $DERMNB_CACHE)
@@ -345,7 +346,7 @@ def kid(feats_a:np.ndarray, # features of set A (N_A, D)
 # %% ../nbs/02_metrics.ipynb #7d255e37
 def eval_fid_folders(dir_a:str|Path, # first image folder (e.g. the real reference set)
                      dir_b:str|Path, # second image folder (e.g. generated images)
-                     batch_size:int=32, # images per forward pass
+                     batch_size:int|None=None, # images per forward pass (see `inception_features`)
                      device='auto', # 'auto', 'cpu' or 'cuda'
                      kid_subsets:int=100, # KID subsets
                      kid_subset_size:int|None=None, # KID subset size; default min(1000, N_min // 2)
@@ -395,7 +396,7 @@ def degrade(images:list, # image tensors (3, H, W) in [0, 1]
 def fid_degradation_curve(ref_files:Sequence, # reference image paths (features cached)
                           test_files:Sequence, # test image paths, degraded at each level
                           levels:dict|None=None, # degradation name -> levels; default noise and blur
-                          batch_size:int=32, # images per forward pass
+                          batch_size:int|None=None, # images per forward pass (see `inception_features`)
                           device='auto', # 'auto', 'cpu' or 'cuda'
                           kid_subsets:int=50, # KID subsets per point
                           seed:int=0 # seed of the noise and the KID subsets

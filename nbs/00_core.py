@@ -207,7 +207,6 @@ if flush_denormals():                                                      # x86
                                            env={**os.environ, **env}).stdout)
     test_eq(run({}), 0.); assert run({'DERMNB_KEEP_DENORMALS': '1'}) > 0   # set at import, unless opted out
 
-
 # %% [markdown]
 # The second CPU lever is memory layout. oneDNN, PyTorch's CPU convolution library, is fastest on channels-last
 # (NHWC) tensors, and a convolution given a channels-last input runs in that layout even when its weights are not.
@@ -225,6 +224,7 @@ def channels_last(x:torch.Tensor # an image batch (B, C, H, W)
                  )->torch.Tensor:
     "`x` in channels-last memory, the layout oneDNN's CPU convolutions are fastest on (same values and shape)."
     return x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+
 
 # %%
 xb = torch.randn(2, 3, 5, 4)
