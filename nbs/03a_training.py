@@ -1046,8 +1046,9 @@ def pixel_config(profile:str='quick', # run profile
 # %% [markdown]
 # `generate` samples images for a list of conditions in batches, each batch from its own seeded generator, so the
 # result does not depend on anything but the seed and the batch size. On a CPU the default batch shrinks with the
-# UNet's input area: a 64-px pixel UNet runs about twice as fast per image at 16 images (32 with guidance) as at 50
-# (`benchmarks/cpu_layout.py`), while an 8x8 latent UNet is fastest at large batches.
+# UNet's input area: a guided step of the 64-px pixel UNet is 1.4x faster per image at 16 images (32 with guidance)
+# than at 64 (`benchmarks/cpu_layout.py`; the backbone figure's `sample_s_per_image` records the end-to-end effect),
+# while an 8x8 latent UNet is fastest at large batches.
 
 # %%
 #| export
