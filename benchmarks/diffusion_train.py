@@ -12,7 +12,9 @@ Run: .venv/bin/python benchmarks/diffusion_train.py [--config base|pixel] [--ste
 Needs $DERMNB_DATA (TAEF2 weights and the first training images).
 """
 import argparse, json, os, resource, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
 import torch
+from _results import save_results
 
 
 def peak_mb(device):
@@ -25,7 +27,8 @@ def part_ours(cfg, steps, device):
     Timed like the plain loop: from the end of step 1 (warm-up) to the end of the last step, read from the loss curve's
     per-step timestamps, so the final checkpoint write is excluded on both sides (neither loop writes one mid-run)."""
     import pandas as pd
-    from dermnb.training import train_diffusion, base_dataset
+    from dermnb.training import train_diffusion
+    from dermnb.base import base_dataset
     n = max(cfg.batch_size * 4, 64)
     ds = torch.utils.data.Subset(base_dataset(cfg.image_size, 'train'), range(n))
     with tempfile.TemporaryDirectory() as d:
@@ -70,7 +73,8 @@ def part_plain(cfg, steps, device, ema=False):
 
 def part_sample(cfg, steps, device, n=32, ddim_steps=20):
     "Sampling speed: the config's (untrained) backbone, guided DDIM, decoded to pixels, at generate's default batch."
-    from dermnb.training import build_backbone, generate, sample_batch_size
+    from dermnb.training import build_backbone
+    from dermnb.base import generate, sample_batch_size
     bb, _ = build_backbone(cfg, device); bb.unet.eval()
     caps = ['dermoscopy of a melanoma'] * n
     generate(bb, caps[:2], steps=2, batch_size=2)             # warm-up
@@ -93,7 +97,7 @@ if __name__ == '__main__':
     if a.part:                                                # one measurement, in this process
         torch.set_num_threads(a.threads)
         from dermnb.core import get_device
-        from dermnb.training import base_config, pixel_config
+        from dermnb.base import base_config, pixel_config
         dev = get_device(a.device)
         cfg = (base_config if a.config == 'base' else pixel_config)('quick')
         r = PARTS[a.part](cfg, a.steps, dev)
@@ -120,3 +124,13 @@ if __name__ == '__main__':
     print(f"sampling images/s  {sample['images_per_s']:.2f} (DDIM {sample['ddim_steps']} steps, guidance 2, decoded, batch {sample['batch_size']})")
     print(f"peak memory MB     plain {rounds[0]['plain']['peak_mb']:.0f}  plain+EMA {rounds[0]['plain_ema']['peak_mb']:.0f}  "
           f"ours {rounds[0]['ours']['peak_mb']:.0f}  sampling {sample['peak_mb']:.0f}")
+    rows = [{'config': a.config, 'measure': f'training images/s, {k}', 'value': med(k)} for k in order]
+    rows += [{'config': a.config, 'measure': f'ours / {ref} (median paired ratio)', 'value': ratio(ref)} for ref in ('plain', 'plain_ema')]
+    rows += [{'config': a.config, 'measure': 'sampling images/s', 'value': sample['images_per_s']}]
+    rows += [{'config': a.config, 'measure': f'peak MB, {k}', 'value': rounds[0][k]['peak_mb']} for k in order]
+    rows += [{'config': a.config, 'measure': 'peak MB, sampling', 'value': sample['peak_mb']}]
+    prev = Path(__file__).resolve().parent/'results'/'diffusion_train.csv'
+    if prev.exists():                                     # keep the other config's rows
+        import pandas as pd
+        old = pd.read_csv(prev); rows = old[old.config != a.config].drop(columns=['machine', 'threads', 'measured'], errors='ignore').to_dict('records') + rows
+    save_results(rows, 'diffusion_train')

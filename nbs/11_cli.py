@@ -27,13 +27,19 @@ import io, contextlib
 
 # %%
 #| export
-def _fmt_counts(d:dict, width:int=78)->str:
+def _fmt_counts(d:dict, # {value: count} or {value: {k: v}}
+                width:int=78 # line width
+               )->str:
     "Render a {value: count} dict on wrapped lines."
     items = ', '.join(f'{k} {v}' if not isinstance(v, dict) else f"{k} ({', '.join(f'{a}={b}' for a, b in v.items())})" for k, v in d.items())
     import textwrap
     return textwrap.fill(items, width, initial_indent='    ', subsequent_indent='    ')
 
-def cmd_data_summary(args)->int:
+
+# %%
+#| export
+def cmd_data_summary(args # parsed arguments: root, seed, json
+                    )->int:
     "Print dataset counts, splits, labels and concepts."
     from dermnb.data import data_summary
     s = data_summary(args.root, args.seed)
@@ -62,7 +68,8 @@ def cmd_data_summary(args)->int:
 
 # %%
 #| export
-def cmd_figures(args)->int:
+def cmd_figures(args # parsed arguments: names, profile, out, root, seed, device, list, quiet
+               )->int:
     "Run paper-figure notebooks and report failures."
     from dermnb.runner import run_figures, figure_notebooks
     if args.list:
@@ -85,19 +92,26 @@ def cmd_figures(args)->int:
 
 # %%
 #| export
-def _print_result(res:dict, as_json:bool):
+def _print_result(res:dict, # flat result
+                  as_json:bool # print JSON instead of aligned lines
+                 ):
     "Print a flat result dict as JSON or as `key value` lines."
     if as_json: print(json.dumps(res, indent=2)); return
     for k, v in res.items(): print(f'{k:>18} {v:.4f}' if isinstance(v, float) else f'{k:>18} {v}')
 
-def cmd_eval_seg(args)->int:
+def cmd_eval_seg(args # parsed arguments: pred, gt, csv, json
+                )->int:
     "Segmentation metrics of a prediction folder against ground truth."
     from dermnb.metrics import eval_seg_folders
     res = eval_seg_folders(args.pred, args.gt, csv=args.csv)
     _print_result({k: res[k] for k in ('dice', 'jaccard', 'threshold_jaccard', 'precision', 'recall', 'n')} | res, args.json)
     return 0
 
-def cmd_eval_fid(args)->int:
+
+# %%
+#| export
+def cmd_eval_fid(args # parsed arguments: dir_a, dir_b, device, json
+                )->int:
     "FID and KID between two image folders."
     from dermnb.metrics import eval_fid_folders
     _print_result(eval_fid_folders(args.dir_a, args.dir_b, device=args.device), args.json); return 0
@@ -113,7 +127,8 @@ def cmd_eval_fid(args)->int:
 
 # %%
 #| export
-def cmd_segment(args)->int:
+def cmd_segment(args # parsed arguments: method, images, out, profile, root, device, crf, uncertainty
+               )->int:
     "Segment a folder of images with DiffSeg, the supervised U-Net or Otsu."
     from dermnb.diffseg import segment_folder, otsu_method, unet_method, load_diffseg, diffseg_method
     if args.method == 'otsu': fn = otsu_method
@@ -139,9 +154,11 @@ def cmd_segment(args)->int:
 
 # %%
 #| export
-def cmd_train_base(args)->int:
-    "Train or refresh the cached base model of a profile."
-    from dermnb.training import base_config, base_dataset, train_cached, load_base_model
+def cmd_train_base(args # parsed arguments: profile, root, seed, device, refresh
+                  )->int:
+    "Train or refresh the cached base model of a profile (one process, or several under `accelerate launch`)."
+    from dermnb.base import base_config, base_dataset, load_base_model
+    from dermnb.training import train_cached
     if args.profile == 'full': load_base_model('full', device=args.device); print('full profile: Stable Diffusion found'); return 0
     cfg = base_config(args.profile, args.seed)
     print(f'base model {cfg.hash()}: {cfg.space} {cfg.cond}-conditional, {cfg.image_size} px, {cfg.steps} steps of {cfg.batch_size} '
@@ -150,9 +167,13 @@ def cmd_train_base(args)->int:
     print(f'base model cached at {path}')
     return 0
 
-def cmd_generate(args)->int:
+
+# %%
+#| export
+def cmd_generate(args # parsed arguments: method, n, out, seed, profile, root, device
+                )->int:
     "Sample the base model into a folder of PNGs."
-    from dermnb.training import load_base_model, generate
+    from dermnb.base import load_base_model, generate
     from dermnb.core import save_image
     bb = load_base_model(args.profile, args.root, device=args.device)
     x = generate(bb, [''] * args.n, seed=args.seed)
@@ -222,6 +243,9 @@ def build_parser()->argparse.ArgumentParser:
     gen.set_defaults(fn=cmd_generate)
     return p
 
+
+# %%
+#| export
 def main(argv:list|None=None # arguments (default sys.argv[1:])
         )->int:
     "Entry point of the `dermnb` command."
@@ -229,6 +253,16 @@ def main(argv:list|None=None # arguments (default sys.argv[1:])
     try: return args.fn(args)
     except DermnbError as e:
         print(f'dermnb: error: {e}', file=sys.stderr); return 2
+
+
+# %% [markdown]
+# `python -m dermnb.cli ...` runs the same command; that is the form `accelerate launch -m dermnb.cli train base ...`
+# uses to train on several GPUs or machines (each process runs the CLI; the trainer shares the work). The guard skips
+# notebook kernels, where `__name__` is `'__main__'` too.
+
+# %%
+#| export
+if __name__ == '__main__' and 'ipykernel' not in sys.modules: sys.exit(main())
 
 
 # %%

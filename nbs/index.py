@@ -8,28 +8,37 @@
 # and test every component, and export the `dermnb` package. Paper figures are notebooks too (`nbs/figures/`), run
 # with papermill into `figures/`, where the quick-profile results are committed so you can look before you run.
 #
-# | method | what it does |
-# |---|---|
-# | **DiffSeg** | weakly supervised lesion segmentation from the difference of noise predictions under "lesion" and "healthy skin", with multiple outputs, GED uncertainty and DenseCRF |
-# | **CPDE** | context-preserving attribute editing in h-space (Asyrrp-style) with a learned semantic module; background untouched |
-# | **LesionGen** | concept-rich captions from expert annotations, text-to-image LoRA fine-tuning, classifiers on synthetic images |
-# | **SkinDualGen** | text-to-image diffusion with LoRA that generates an image and its lesion mask in one pass |
+# | method | status | what it does |
+# |---|---|---|
+# | **DiffSeg** | built (`06_diffseg`); below its paper, see the results | weakly supervised lesion segmentation from the difference of noise predictions under "lesion" and "healthy skin", with multiple outputs, GED uncertainty and DenseCRF |
+# | **LesionGen** | to come (issue 13) | concept-rich captions from expert annotations, text-to-image LoRA fine-tuning, classifiers trained on synthetic images |
+# | **CPDE** | to come (issue 14) | context-preserving attribute editing in h-space (Asyrp-style) with a learned semantic module, mask-guided |
+# | **SkinDualGen** | to come (issue 15) | text-to-image diffusion with LoRA that generates an image and its lesion mask in one pass |
 #
-# All four share one backbone, one notebook per concern:
+# All of them share one backbone, one notebook per concern, each using only the notebooks before it:
 #
 # | notebook | module | what |
 # |---|---|---|
-# | `00_core` | `dermnb.core` | profiles, configs with stable hashes, seeding, devices, atomic cache, image I/O, plots |
+# | `00_core` | `dermnb.core` | profiles, configs with stable hashes, seeding, devices, atomic cache, image I/O and image↔tensor, listing images, plots, reading measured results |
+# | `00a_pretrained` | `dermnb.pretrained` | the offline pretrained networks: EfficientNet-Lite0 (and its feature pyramid), MiniLM |
 # | `01_data` | `dermnb.data` | ISIC 2017/2018/2019, PH2, Derm7pt, ENHANCE loaders; records, joins, leak-free splits, torch datasets |
+# | `01a_captions` | `dermnb.captions` | captions from diagnosis, expert/crowd concepts and metadata |
 # | `02_metrics` | `dermnb.metrics` | Dice/IoU/ISIC thresholded Jaccard (checked against the official scorer), FID/KID, LPIPS-style and NS-LPIPS, GED |
-# | `03_diffusion`, `03a_training` | `dermnb.diffusion`, `dermnb.training` | TAEF2/SD autoencoders, DDIM sampling and inversion, h-space hook, multi-condition noise prediction, LoRA, SD pipelines, the trainer |
-# | `04_clip` | `dermnb.clip` | one CLIP interface over open_clip and DermCLIP; S_dir and the directional CLIP loss |
+# | `03_diffusion` | `dermnb.diffusion` | TAEF2/SD autoencoders, DDIM sampling and inversion, h-space hook, multi-condition noise prediction, LoRA, SD pipelines, the `Backbone` |
+# | `03a_training` | `dermnb.training` | one diffusion trainer on `accelerate` (CPU, GPU, several GPUs or machines), cached by config |
+# | `03b_base` | `dermnb.base` | the shared quick-profile base model, sampling, and its evaluation (FID/KID, pixel vs latent, inversion) |
+# | `04_clip` | `dermnb.clip` | one CLIP interface, open_clip models by name and weights; S_dir and the directional CLIP loss |
+# | `04a_dermclip` | `dermnb.dermclip` | DermCLIP, a dermoscopy CLIP trained here, its evaluation, and `load_clip` by name |
 # | `05_segmenter` | `dermnb.segmenter` | supervised U-Net (pretrained EfficientNet-Lite0 encoder), Otsu, DenseCRF |
 # | `06_diffseg` | `dermnb.diffseg` | DiffSeg: weakly supervised segmentation from diffusion difference |
-# | `10_runner`, `11_cli` | `dermnb.runner`, `dermnb.cli` | the papermill figure runner and the `dermnb` command |
+# | `10_runner`, `11_cli` | `dermnb.runner`, `dermnb.cli` | the papermill figure runner, the results table, and the `dermnb` command |
 #
-# CPDE, LesionGen and SkinDualGen build on the same modules (see the issues). What each figure measured, including
-# where it falls short of its paper, is in `figures/README.md` and the figure folders.
+# ## Results
+#
+# Generated from the committed figure CSVs by `make readme` (never typed): each paper's claim, its number, and ours
+# with the data it was measured on. Shortfalls are part of the table.
+#
+# <!-- results-table -->
 
 # %% [markdown]
 # ## Install and run
@@ -55,6 +64,19 @@
 # dermnb train base --profile quick|full [--refresh]        # train (or refresh) the shared base model, with an ETA
 # dermnb generate --method base --n N --out DIR [--seed S]  # sample it into PNGs (readable by dermnb eval fid)
 # ```
+#
+# ## Training on GPUs or several machines
+#
+# The diffusion trainer runs on 🤗 accelerate, so the same command trains on one GPU, several GPUs or several machines
+# with distributed data-parallel. The config's batch size is the global micro-batch, shared evenly by the processes, so
+# the model does not depend on how many there are (up to float rounding). For the full profile's base model on 8 GPUs:
+#
+# ```sh
+# .venv/bin/accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 -m dermnb.cli train base --profile full
+# ```
+#
+# (`accelerate config` once per machine sets these defaults, and `--num_machines`/`--machine_rank`/`--main_process_ip`
+# span machines.) Only the main process writes checkpoints and the cache entry.
 #
 # Profiles: `quick` runs on a CPU in minutes with small models trained here on the real data; `full` uses a GPU,
 # paper settings and pretrained models (Stable Diffusion, CLIP) that you download yourself. Trained models are cached

@@ -7,7 +7,7 @@ from PIL import Image
 @pytest.fixture
 def tiny_base(tmp_path, data_root, monkeypatch):
     "The real CLI code paths, with `base_config` / `base_dataset` made tiny (16 px, 6 steps, 8 real training images)."
-    import dermnb.training as T
+    import dermnb.base as T
     monkeypatch.setenv('DERMNB_CACHE', str(tmp_path/'cache'))
     cfg = T.base_config('quick').replace(data='test:first-8', image_size=16, channels=(32, 32), head_dim=16, steps=6,
                                          snapshot_steps=(), batch_size=4, warmup=2, ckpt_every=3, log_every=1)
@@ -44,7 +44,7 @@ def test_train_generate_eval_fid(tiny_base, tmp_path, data_root, capsys):
 
 def test_budgeted_training_shows_eta(tiny_base, tmp_path, data_root, capsys):
     "A training run shows its steps with an ETA, and the time budget left when it has one."
-    import dermnb.training as T
+    import dermnb.base as T
     T.train_diffusion(tiny_base.replace(max_minutes=5, steps=2), T.base_dataset(16), tmp_path/'run', device='cpu')
     err = capsys.readouterr().err
     assert 'train' in err and '/2 steps' in err and 'ETA' in err and 'budget left=05:00' in err, err

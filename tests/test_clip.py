@@ -3,8 +3,10 @@ import warnings
 import numpy as np, pytest, torch
 from PIL import Image
 
-from dermnb.clip import (ClipEncoder, load_clip, dermclip_config, build_dermclip, dermclip_encoder, dermclip_records,
-                         evaluate_clip, concept_caption, clip_direction_similarity, directional_clip_loss, text_direction)
+from dermnb.clip import ClipEncoder, clip_direction_similarity, directional_clip_loss, text_direction
+from dermnb.dermclip import (load_clip, dermclip_config, build_dermclip, dermclip_encoder, dermclip_records, evaluate_clip,
+                             retrieval_recall)
+from dermnb.captions import concept_caption
 from dermnb.core import WeightsMissingError
 
 SMALL = dict(limit=64, unlocked_layers=1, views=1, batch_size=64, lr=3e-3, embed_dim=64, proj_hidden=128, epochs=12)
@@ -32,7 +34,6 @@ def test_trained_beats_untrained_on_its_training_images(small_clip, data_root):
     untrained = dermclip_encoder(build_dermclip(cfg), cfg)
     recs = dermclip_records(cfg, 'train', data_root)
     caps = [concept_caption(r) for r in recs]
-    from dermnb.clip import retrieval_recall
     with torch.no_grad():
         scores = {}
         for name, m in (('trained', enc), ('untrained', untrained)):

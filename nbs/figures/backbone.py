@@ -18,14 +18,11 @@ out_dir = 'figures/backbone'
 # %%
 import json
 import numpy as np, pandas as pd, seaborn as sns, matplotlib.pyplot as plt, torch
-from dermnb.core import data_root as resolve_root, seed_everything, get_profile, image_grid
-from dermnb.training import taef2_psnr, backbone_comparison, load_base_model, inversion_error, base_dataset, generate
-from dermnb.runner import FigureOut
-seed_everything(seed)
-root = resolve_root(data_root)
-out = FigureOut(out_dir, profile, root, seed, device=device)
-sns.set_theme(style='whitegrid', context='notebook')
-quick = not get_profile(profile).pretrained
+from dermnb.core import image_grid
+from dermnb.base import taef2_psnr, backbone_comparison, load_base_model, inversion_error, base_dataset, generate
+from dermnb.runner import figure_setup
+out = figure_setup(profile, data_root, seed, device, out_dir)
+root, quick = out.root, out.quick
 
 # %% [markdown]
 # ## TAEF2 reconstruction
@@ -33,7 +30,7 @@ quick = not get_profile(profile).pretrained
 # PSNR of the TAEF2 round trip on ISIC 2018 test images, at their stored size and squashed to the base model's size.
 
 # %%
-tp = taef2_psnr(n=32, size=get_profile(profile).image_size, root=root, seed=seed)
+tp = taef2_psnr(n=32, size=out.profile.image_size, root=root, seed=seed)
 out.csv(tp, 'taef2_psnr')
 fig, ax = plt.subplots(figsize=(5, 3))
 sns.boxplot(tp, x='size', y='psnr', ax=ax, color='#9ecae1'); sns.stripplot(tp, x='size', y='psnr', ax=ax, color='k', size=3)

@@ -14,13 +14,11 @@ out_dir = 'figures/data_overview'
 # %%
 import json
 import pandas as pd, seaborn as sns, matplotlib.pyplot as plt
-from dermnb.core import data_root as resolve_root, load_image, load_mask, image_grid, seed_everything
+from dermnb.core import load_image, load_mask, image_grid
 from dermnb.data import data_summary, get_split, records_frame, LOADERS
-from dermnb.runner import FigureOut
-seed_everything(seed)
-root = resolve_root(data_root)
-out = FigureOut(out_dir, profile, root, seed)
-sns.set_theme(style='whitegrid', context='notebook')
+from dermnb.runner import figure_setup
+out = figure_setup(profile, data_root, seed, device, out_dir)
+root = out.root
 
 # %% [markdown]
 # ## Counts per dataset and split

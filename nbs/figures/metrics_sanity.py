@@ -17,18 +17,16 @@ out_dir = 'figures/metrics_sanity'
 import time
 from pathlib import Path
 import numpy as np, pandas as pd, seaborn as sns, matplotlib.pyplot as plt
-from dermnb.core import data_root as resolve_root, get_profile, load_image, load_mask, image_grid, seed_everything
+from dermnb.core import load_image, load_mask, image_grid
 from dermnb import metrics as M
-from dermnb.clip import dermclip_table
-from dermnb.runner import FigureOut
-seed_everything(seed)
-root = resolve_root(data_root)
-out = FigureOut(out_dir, profile, root, seed, device=device)
-sns.set_theme(style='whitegrid', context='notebook')
+from dermnb.dermclip import dermclip_table
+from dermnb.runner import figure_setup
+out = figure_setup(profile, data_root, seed, device, out_dir)
+root = out.root
 # sizes per profile; quick stays within ~3 minutes on 2 CPU cores
 cfg = {'quick': dict(n_masks=20, n_fid=64, noise=(0.02, 0.05, 0.1), blur=(1.0, 2.0, 4.0), kid_subsets=50, n_edit=8),
        'full': dict(n_masks=200, n_fid=1000, noise=(0.01, 0.02, 0.05, 0.1, 0.2), blur=(0.5, 1.0, 2.0, 4.0, 8.0),
-                    kid_subsets=100, n_edit=100)}[get_profile(profile).name]
+                    kid_subsets=100, n_edit=100)}[out.profile.name]
 files = M.isic2018_task1_files(root)
 t_start = time.time()
 
