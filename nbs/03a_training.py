@@ -48,7 +48,9 @@ torch.manual_seed(0); torch.set_num_threads(1)   # tiny test models: threads onl
 # A trained model is cached by its config, so the config holds everything the result depends on: what data
 # (`data`, a name the caller chooses, e.g. `'isic2018_task1+isic2019:train'`), which space and conditioning, the UNet's
 # size, the optimisation, and the time budget. The UNet is built from the config with `cfg.seed`, so a config fully
-# determines the initial weights. The batch size is the *global* micro-batch: with several processes (`accelerate
+# determines the initial weights. `base` names a model to fine-tune: a saved Backbone folder, `sd:<id or path>` for a
+# Stable Diffusion pipeline, or `cached:<config hash>` for a model trained into this cache (the quick base model, say),
+# which keeps the config, and so its cache key, free of machine paths. The batch size is the *global* micro-batch: with several processes (`accelerate
 # launch`), each takes an equal share of it, so a config defines the same optimisation, and the same model up to float
 # rounding, on one CPU or eight GPUs. `base` fine-tunes an existing model instead: a saved backbone folder, or `sd:<id or
 # path>` for a Stable Diffusion pipeline; with `lora_rank > 0` only LoRA adapters are trained.
@@ -148,6 +150,11 @@ def _text_dim(te:Callable)->int: return te(['']).shape[-1]
 
 def _load_base(base:str, device)->Backbone:
     if base.startswith('sd:'): return Backbone.from_pipeline(load_sd_pipeline(base[3:], device=device))
+    if base.startswith('cached:'):                   # a model of this cache, by its config hash: machine-independent
+        path = cache_root()/'diffusion'/base[len('cached:'):]
+        if not path.is_dir(): raise WeightsMissingError(f"{path}: the base model {base!r} is not in the cache; train it first "
+                                                        "(e.g. `dermnb train base`)")
+        return load_trained(path, device)
     return Backbone.load(base, device=device)
 
 def build_backbone(cfg:TrainConfig, # the training config
@@ -249,7 +256,7 @@ class TrainData:
     "A materialised training set: images or latents (N, K, C, H, W) with K flip variants, labels, caption indices."
     x:torch.Tensor                  # (N, K, C, H, W) pixels or normalised latents; K = 2 holds the flipped copy
     labels:torch.Tensor             # (N,) long, -1 = unknown
-    caption_idx:torch.Tensor        # (N,) index into `text_emb` (0 = the empty caption)
+    caption_idx:torch.Tensor        # (N,) index into `text_emb` (0 = the empty caption), or (N, K) for K captions per item
     text_emb:torch.Tensor|None=None # (n_captions, L, D) embeddings, row 0 the empty caption
     prep_s:float=0.                 # seconds spent materialising
 
@@ -273,13 +280,16 @@ def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)-
         if bb.ae is not None:   # in cache-sized sub-batches (see dermnb.core.CPU_BATCH)
             v = torch.stack([torch.cat([bb.ae.encode_raw(b.to(bb.device)).float().cpu() for b in v[:, k].split(CPU_BATCH)])
                              for k in range(v.shape[1])], 1)
-        xs.append(v); labels += [int(it.get('label', -1)) for it in items]; caps += [str(it.get('caption', '')) for it in items]
-    uniq = [''] + sorted(set(caps) - {''}); idx = {c: i for i, c in enumerate(uniq)}
+        xs.append(v); labels += [int(it.get('label', -1)) for it in items]
+        caps += [[str(c) for c in it['caption']] if isinstance(it.get('caption'), (list, tuple)) else [str(it.get('caption', ''))] for it in items]
+    uniq = [''] + sorted({c for cs in caps for c in cs} - {''}); idx = {c: i for i, c in enumerate(uniq)}
     emb = None
     if cfg.cond == 'text':
         emb = torch.cat([bb.text_encoder(uniq[i:i + chunk]).float().cpu()
                          for i in tqdm(range(0, len(uniq), chunk), desc='encode captions', disable=not progress, leave=False)])
-    return TrainData(torch.cat(xs), torch.tensor(labels), torch.tensor([idx[c] for c in caps]), emb)
+    K = max(len(cs) for cs in caps)                  # several captions per item: (N, K), an item's list repeated to K
+    ci = torch.tensor([[idx[cs[k % len(cs)]] for k in range(K)] for cs in caps]) if K > 1 else torch.tensor([idx[cs[0]] for cs in caps])
+    return TrainData(torch.cat(xs), torch.tensor(labels), ci, emb)
 
 
 # %% [markdown]
@@ -399,7 +409,9 @@ def draw_batch(data:TrainData, # the materialised data
         lab = data.labels[idx].clone(); lab[(lab < 0) | (lab >= cfg.num_classes) | drop] = cfg.num_classes
         out['cond'] = lab
     elif cfg.cond == 'text':
-        ci = data.caption_idx[idx].clone(); ci[drop] = 0
+        ci = data.caption_idx[idx].clone()
+        if ci.ndim == 2: ci = ci.gather(1, torch.randint(ci.shape[1], (B, 1), generator=gen))[:, 0]   # one wording per item and step
+        ci[drop] = 0
         out['cond'] = data.text_emb[ci]
     return out
 

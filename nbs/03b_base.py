@@ -59,6 +59,9 @@ tiny = dict(image_size=8, channels=(16, 32), head_dim=8, batch_size=4, steps=6, 
 # throughput on this 2-core CPU (`benchmarks/diffusion_train.py` times the configs; its table is printed below): a small
 # UNet sees more images in the same minutes.
 #
+# The data name ends in the caption version (`concept_caption-v2`: the ENHANCE border score became "gradual /
+# abrupt border", what its ABCD B score measures), because it keys the cached training data: new captions, new key.
+#
 # **Steps, not minutes, define the model.** A time budget stops at a different step on a busier or faster machine, so
 # the same config would cache different models and the published figures could not be reproduced. The quick config
 # therefore fixes the number of steps (`QUICK_BASE_STEPS`, chosen so that the run takes about `train_minutes` on the
@@ -79,7 +82,7 @@ def base_config(profile:str='quick', # run profile (its image size and time budg
                )->TrainConfig:
     "Config of the shared text-conditional latent base model (null caption = unconditional)."
     p = get_profile(profile); n = QUICK_BASE_STEPS if p.name == 'quick' else 100_000
-    return TrainConfig(data='+'.join(BASE_DATASETS) + ':train:squash:concept_caption', space='latent', ae='taef2',
+    return TrainConfig(data='+'.join(BASE_DATASETS) + ':train:squash:concept_caption-v2', space='latent', ae='taef2',
                        image_size=p.image_size, cond='text', text_encoder='minilm', channels=(64, 128), attn_levels=(False, True),
                        head_dim=32, beta_schedule='linear', prediction_type='v_prediction', steps=n, batch_size=32, lr=5e-4, warmup=200,
                        ema_decay=0.999, p_uncond=0.1, flip=True, max_minutes=3 * p.train_minutes, snapshot_steps=(3 * n // 20, 3 * n // 10, 6 * n // 10),
