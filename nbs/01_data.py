@@ -594,7 +594,6 @@ test_eq(p.size, (64, 64)); test_eq(set(np.unique(np.asarray(p))), {0, 255}); tes
 test_eq(np.asarray(p)[:, 32].sum() // 255, 48)                 # 4:3 -> 64x48 content, padded
 test_eq(set(np.unique(np.asarray(fit_square(mk, 64, 'crop', True)))), {255})
 
-
 # %% [markdown]
 # ## Full-size images: decode at a reduced scale
 #
@@ -651,9 +650,10 @@ with tempfile.TemporaryDirectory() as tmp:
     (Path(tmp)/'cut.jpg').write_bytes(big.read_bytes()[:5000])
     test_fail(lambda: load_image_for(Path(tmp)/'cut.jpg', 64), contains='cut.jpg: unreadable or truncated')
 
+
 # %% [markdown]
 # `item_arrays` is what the torch dataset does with one record: read the image (at reduced scale when that is safe),
-# fit it to the square, and the same for its mask, as uint8 tensors.
+# fit it to the square, and the same for its mask: a uint8 image tensor and a bool mask tensor.
 
 # %%
 #| export
@@ -826,6 +826,7 @@ test_eq(set(b['mask'].unique().tolist()) <= {0., 1.}, True)
 torch.manual_seed(0); it = ds[0]; pad = (it['image'] == -1).all(0)
 assert not (pad & (it['mask'][0] > 0)).any()
 test_eq(len(DermDataset(i19[:3], 32)[0].keys() & {'mask'}), 0)     # no mask for ISIC 2019
+
 
 # %% [markdown]
 # The cache and the reduced-scale decoding change no pixel of the default path: on the development copies, every

@@ -202,6 +202,7 @@ test_fail(lambda: get_sources({'nope.zip': {}}), contains='nope.zip')
 test_eq(parse_datasets('taef2, isic2017'), ['isic2017', 'taef2']); test_eq(parse_datasets('all'), DOWNLOAD_DATASETS)
 test_fail(lambda: parse_datasets('isic2020'), contains='isic2018_task1')
 
+
 # %% [markdown]
 # The table's checksums are the shared copy's: the ENHANCE CSVs and TAEF2 files in `$DERMNB_DATA` are byte for byte
 # those of the upstream commits.
