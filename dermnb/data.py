@@ -494,7 +494,9 @@ class DermDataset(torch.utils.data.Dataset):
         "The cached arrays of this dataset, or None (looked up once; decoded and stored when `build`)."
         if self.cache is False or (self.cache is None and not _array_cache_on()) or not self.records: return None
         if self._arrays is None or (build and self._arrays is False):
-            self._arrays = cached_arrays(self.records, self.size, self.fit, self.with_mask, self.draft, build=build) or False
+            try: self._arrays = cached_arrays(self.records, self.size, self.fit, self.with_mask, self.draft, build=build) or False
+            except OSError as e:   # a full or read-only cache: read the files instead
+                warnings.warn(f"array cache unavailable ({e}); decoding the images instead"); self.cache = False; return None
         return self._arrays or None
 
     def _load(self, i):

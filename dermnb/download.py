@@ -297,7 +297,8 @@ def verify_download(path:str|Path, # the downloaded file (or extracted member)
         exp = ' and '.join(x for x in (f'sha256 {want}' if want else '', f'{src.size} bytes' if src.size is not None else '') if x)
         raise DataError(f"{src.name}: {'checksum' if want and digest != want else 'size'} mismatch, nothing unpacked (file deleted; "
                         f"the next run downloads it again). Expected {exp} ({whence or 'the source table'}), "
-                        f"got sha256 {digest} and {n} bytes from {src.url}")
+                        f"got sha256 {digest} and {n} bytes from {src.url}"
+                        + (f". If the official file really changed, delete its entry in {_stage(root)/'checksums.json'}" if rec and not src.sha256 else ''))
     if not want:
         recs = _records(root); recs[src.name] = {'sha256': digest, 'size': n, 'url': src.url, 'recorded': time.strftime('%Y-%m-%d')}
         save_json(recs, _stage(root)/'checksums.json')
@@ -434,7 +435,7 @@ def _fmt_size(n:int|None)->str:
         if n < 1000 or u == 'TB': return f'{n:.0f} {u}' if u == 'B' else f'{n:.1f} {u}'
         n /= 1000
 
-def _remote_size(url:str, timeout:float=15)->int|None:
+def _remote_size(url:str, timeout:float=10)->int|None:
     "Content-Length from a HEAD request, or None."
     try:
         with _open(url, method='HEAD', timeout=timeout) as r: return int(r.headers['Content-Length']) if r.headers.get('Content-Length') else None
@@ -482,6 +483,8 @@ def download(datasets:str|Sequence[str]='all', # dataset keys, a comma-separated
     "Fill a data root with the public datasets in the official layouts; print the steps for the others."
     root, table = _download_root(root), get_sources(overrides)
     say(f"data root: {root}" + ('  (dry run: nothing is downloaded)' if dry_run else ''))
+    stale = [p for p in _stage(root).glob('*-*') if p.is_dir() and p.name.split('-')[0] in ('unpack', 'add')] if not dry_run else []
+    if stale: say(f"removing {len(stale)} temporary folder(s) left by an interrupted run"); [shutil.rmtree(p, ignore_errors=True) for p in stale]
     report, total = [], 0
     for key in parse_datasets(datasets):
         ds = table[key]; say(f"{key}: {ds.title}"); say(licence_text(ds))

@@ -786,7 +786,9 @@ class DermDataset(torch.utils.data.Dataset):
         "The cached arrays of this dataset, or None (looked up once; decoded and stored when `build`)."
         if self.cache is False or (self.cache is None and not _array_cache_on()) or not self.records: return None
         if self._arrays is None or (build and self._arrays is False):
-            self._arrays = cached_arrays(self.records, self.size, self.fit, self.with_mask, self.draft, build=build) or False
+            try: self._arrays = cached_arrays(self.records, self.size, self.fit, self.with_mask, self.draft, build=build) or False
+            except OSError as e:   # a full or read-only cache: read the files instead
+                warnings.warn(f"array cache unavailable ({e}); decoding the images instead"); self.cache = False; return None
         return self._arrays or None
 
     def _load(self, i):
@@ -858,7 +860,12 @@ with tempfile.TemporaryDirectory() as tmp:
     assert DermDataset(recs, 64)._cached(build=False) is not None            # the in_memory dataset left an entry
     test_eq(len(list((Path(tmp)/'arrays').rglob('images.npy'))), 5)
     os.environ['DERMNB_ARRAY_CACHE'] = '0'; assert DermDataset(recs, 64)._cached(build=True) is None
-    del os.environ['DERMNB_ARRAY_CACHE']
+    os.environ['DERMNB_CACHE'] = '/proc/no-cache-here'                     # an unwritable cache: the files are read instead
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); del os.environ['DERMNB_ARRAY_CACHE']
+        test_eq(DermDataset(recs, 64, 'crop', in_memory=True)._load(0)[0].numpy(), _today(recs[0], 64, 'crop')[0])
+    assert any('array cache unavailable' in str(x.message) for x in w)
+    os.environ['DERMNB_CACHE'] = tmp
     b2 = next(iter(torch.utils.data.DataLoader(DermDataset(t1[:8], 64, in_memory=True), batch_size=8)))
     test_eq(b2['image'], next(iter(torch.utils.data.DataLoader(DermDataset(t1[:8], 64, cache=False), batch_size=8)))['image'])
 if _old_cache is None: del os.environ['DERMNB_CACHE']

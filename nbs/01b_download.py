@@ -409,7 +409,8 @@ def verify_download(path:str|Path, # the downloaded file (or extracted member)
         exp = ' and '.join(x for x in (f'sha256 {want}' if want else '', f'{src.size} bytes' if src.size is not None else '') if x)
         raise DataError(f"{src.name}: {'checksum' if want and digest != want else 'size'} mismatch, nothing unpacked (file deleted; "
                         f"the next run downloads it again). Expected {exp} ({whence or 'the source table'}), "
-                        f"got sha256 {digest} and {n} bytes from {src.url}")
+                        f"got sha256 {digest} and {n} bytes from {src.url}"
+                        + (f". If the official file really changed, delete its entry in {_stage(root)/'checksums.json'}" if rec and not src.sha256 else ''))
     if not want:
         recs = _records(root); recs[src.name] = {'sha256': digest, 'size': n, 'url': src.url, 'recorded': time.strftime('%Y-%m-%d')}
         save_json(recs, _stage(root)/'checksums.json')
@@ -426,7 +427,7 @@ with tempfile.TemporaryDirectory() as tmp:
     test_eq(_records(tmp)['x.csv']['sha256'], d)
     test_eq(verify_download(f, s0, tmp, msgs.append), d); test_eq(len(msgs), 1)   # second time: checked against the record
     f.write_text('a,b\n1,3\n')
-    test_fail(lambda: verify_download(f, s0, tmp), contains='checksum mismatch'); assert not f.exists()
+    test_fail(lambda: verify_download(f, s0, tmp), contains='delete its entry in'); assert not f.exists()
     f.write_text('abc')
     test_fail(lambda: verify_download(f, replace(s0, name='y', sha256='0'*64, size=3), tmp), contains=f"Expected sha256 {'0'*64}")
 
@@ -629,7 +630,9 @@ assert 'CC-BY-NC 4.0' in licence_text(S['isic2019'])
 # download (resuming), verify, and unpack or place it. Files already present are skipped, so a second run downloads
 # nothing; `force=True` downloads and replaces them. Datasets behind registration print their steps instead.
 # `dry_run=True` lists what would be fetched, with sizes: the table's, else the server's `Content-Length` from a
-# `HEAD` request, else "size unknown". Archives are deleted once unpacked unless `keep_archives=True`.
+# `HEAD` request, else "size unknown". Archives are deleted once unpacked unless `keep_archives=True`; temporary
+# folders that a killed run left in `<root>/.download` are removed (two downloads into one root at once are not
+# supported).
 
 # %%
 #| export
@@ -639,7 +642,7 @@ def _fmt_size(n:int|None)->str:
         if n < 1000 or u == 'TB': return f'{n:.0f} {u}' if u == 'B' else f'{n:.1f} {u}'
         n /= 1000
 
-def _remote_size(url:str, timeout:float=15)->int|None:
+def _remote_size(url:str, timeout:float=10)->int|None:
     "Content-Length from a HEAD request, or None."
     try:
         with _open(url, method='HEAD', timeout=timeout) as r: return int(r.headers['Content-Length']) if r.headers.get('Content-Length') else None
@@ -687,6 +690,8 @@ def download(datasets:str|Sequence[str]='all', # dataset keys, a comma-separated
     "Fill a data root with the public datasets in the official layouts; print the steps for the others."
     root, table = _download_root(root), get_sources(overrides)
     say(f"data root: {root}" + ('  (dry run: nothing is downloaded)' if dry_run else ''))
+    stale = [p for p in _stage(root).glob('*-*') if p.is_dir() and p.name.split('-')[0] in ('unpack', 'add')] if not dry_run else []
+    if stale: say(f"removing {len(stale)} temporary folder(s) left by an interrupted run"); [shutil.rmtree(p, ignore_errors=True) for p in stale]
     report, total = [], 0
     for key in parse_datasets(datasets):
         ds = table[key]; say(f"{key}: {ds.title}"); say(licence_text(ds))
@@ -750,6 +755,9 @@ with tempfile.TemporaryDirectory() as tmp:
         bad = over | {'ISIC2018_Task1-2_Training_Input.zip': over['ISIC2018_Task1-2_Training_Input.zip'] | {'sha256': 'f'*64, 'size': None}}
         test_fail(lambda: download('isic2018_task1', tmp/'root3', overrides=bad, progress=False, say=out.append), contains='checksum mismatch')
         assert not (tmp/'root3'/'isic2018_task1').exists()                               # nothing unpacked
+        (tmp/'root'/'.download'/'unpack-x-123').mkdir(); msgs = []                       # left by a killed run
+        download('enhance', tmp/'root', overrides=over, progress=False, say=msgs.append)
+        assert not (tmp/'root'/'.download'/'unpack-x-123').exists() and 'left by an interrupted run' in msgs[1]
 
 # %% [markdown]
 # ## `dermnb data add`: datasets behind registration
