@@ -9,8 +9,8 @@ from pathlib import Path
 from .core import DermnbError, PROFILES
 
 # %% auto #0
-__all__ = ['cmd_data_summary', 'cmd_figures', 'cmd_eval_seg', 'cmd_eval_fid', 'cmd_segment', 'cmd_train_base', 'cmd_generate',
-           'build_parser', 'main']
+__all__ = ['cmd_data_summary', 'cmd_data_download', 'cmd_data_add', 'cmd_data_check', 'cmd_figures', 'cmd_eval_seg',
+           'cmd_eval_fid', 'cmd_segment', 'cmd_train_base', 'cmd_generate', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #1be7f98f
 def _fmt_counts(d:dict, # {value: count} or {value: {k: v}}
@@ -41,6 +41,32 @@ def cmd_data_summary(args # parsed arguments: root, seed, json
         for k in ('with_isic2018_task1_image', 'isic', 'ph2', 'raters'):
             if k in v: print(f'  {k}: {v[k]}')
     return 1 if errors else 0
+
+# %% ../nbs/11_cli.ipynb #8171bbe3
+def cmd_data_download(args # parsed `dermnb data download` arguments
+                      )->int:
+    "Download the public datasets into the data root; print the steps for those behind registration."
+    from dermnb.download import download
+    rep = download(args.datasets, args.root, force=args.force, dry_run=args.dry_run, keep_archives=args.keep_archives,
+                   keep_going=True, progress=not args.quiet)
+    bad = [r for r in rep if r['status'] == 'failed']
+    todo = sorted({r['dataset'] for r in rep if r['status'] == 'needs registration'})
+    if not args.dry_run: print(f"download: {len(rep) - len(bad)} ok, {len(bad)} failed" + (f"; by registration: {', '.join(todo)} (see above)" if todo else ''))
+    return 1 if bad else 0
+
+def cmd_data_add(args # parsed `dermnb data add` arguments
+                 )->int:
+    "Unpack a dataset downloaded after registration (ph2, derm7pt) into the data root."
+    from dermnb.download import add_dataset
+    add_dataset(args.dataset, args.file, args.root, force=args.force); return 0
+
+def cmd_data_check(args # parsed `dermnb data check` arguments
+                   )->int:
+    "Validate a data root per dataset and print the fixes."
+    from dermnb.download import check_root, format_check
+    res = check_root(args.root, args.datasets, deep=not args.quick, progress=not args.quiet and not args.json)
+    print(json.dumps(res, indent=2) if args.json else format_check(res))
+    return 0 if all(r['status'] == 'ok' for r in res.values()) else 1
 
 # %% ../nbs/11_cli.ipynb #44d800d0
 def cmd_figures(args # parsed arguments: names, profile, out, root, seed, device, list, quiet
@@ -135,6 +161,24 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument('--root', help='data root (default $DERMNB_DATA)'); s.add_argument('--seed', type=int, default=0)
     s.add_argument('--json', action='store_true', help='print one JSON object keyed by dataset')
     s.set_defaults(fn=cmd_data_summary)
+    s = data.add_parser('download', help='download the public datasets into the data root, in the official layouts')
+    s.add_argument('--root', help='data root to fill (default $DERMNB_DATA; created if missing)')
+    s.add_argument('--datasets', default='all', help='comma-separated isic2018_task1,isic2017,isic2019,ph2,derm7pt,enhance,taef2, or all')
+    s.add_argument('--dry-run', action='store_true', help='list what would be fetched, with sizes, and download nothing')
+    s.add_argument('--force', action='store_true', help='download again and replace files that are already present')
+    s.add_argument('--keep-archives', action='store_true', help='keep the zip archives under ROOT/.download after unpacking')
+    s.add_argument('--quiet', action='store_true', help='no progress bars')
+    s.set_defaults(fn=cmd_data_download)
+    s = data.add_parser('add', help='unpack PH2 or Derm7pt, downloaded after registering, into the data root')
+    s.add_argument('dataset', choices=['ph2', 'derm7pt']); s.add_argument('file', help='the downloaded archive, or its unpacked folder')
+    s.add_argument('--root', help='data root (default $DERMNB_DATA; created if missing)')
+    s.add_argument('--force', action='store_true', help='replace the dataset if it is already there')
+    s.set_defaults(fn=cmd_data_add)
+    s = data.add_parser('check', help='validate a data root: layouts, counts, pairing, sizes, corrupt files; prints the fixes')
+    s.add_argument('--root', help='data root (default $DERMNB_DATA)'); s.add_argument('--datasets', default='all', help='comma-separated keys, or all')
+    s.add_argument('--quick', action='store_true', help='read file headers only, without decoding the images')
+    s.add_argument('--json', action='store_true', help='print one JSON object keyed by dataset'); s.add_argument('--quiet', action='store_true')
+    s.set_defaults(fn=cmd_data_check)
 
     f = sub.add_parser('figures', help='run the paper-figure notebooks with papermill')
     f.add_argument('names', nargs='*', help='figure names (default: all)')

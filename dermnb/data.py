@@ -16,11 +16,12 @@ from PIL import Image
 from .core import (DataError, data_root, load_image, load_mask, stable_hash, cache_root, atomic_save)
 
 # %% auto #0
-__all__ = ['LABELS', 'LAYOUTS', 'DATASETS', 'ISIC2019_MAP', 'PH2_MAP', 'DERM7PT_CRITERIA', 'LOADERS', 'SPLIT_FRACS', 'Record',
-           'Records', 'load_isic2017', 'load_isic2019_labels', 'load_enhance', 'load_isic2018_task1', 'load_isic2019',
-           'load_ph2_table', 'load_ph2', 'derm7pt_label', 'load_derm7pt', 'load_records', 'check_record',
-           'verify_records', 'make_splits', 'split_file', 'get_split', 'fit_square', 'DermDataset', 'data_summary',
-           'records_frame']
+__all__ = ['LABELS', 'LAYOUTS', 'DATASETS', 'ISIC2019_MAP', 'PH2_MAP', 'DERM7PT_CRITERIA', 'LOADERS', 'SPLIT_FRACS',
+           'DRAFT_MARGIN', 'ARRAY_CACHE_VERSION', 'Record', 'Records', 'load_isic2017', 'load_isic2019_labels',
+           'load_enhance', 'load_isic2018_task1', 'load_isic2019', 'load_ph2_table', 'load_ph2', 'derm7pt_label',
+           'load_derm7pt', 'load_records', 'check_record', 'verify_records', 'make_splits', 'split_file', 'get_split',
+           'fit_square', 'load_image_for', 'item_arrays', 'array_cache_key', 'cached_arrays', 'DermDataset',
+           'data_summary', 'records_frame']
 
 # %% ../nbs/01_data.ipynb #4d7b61f6
 LABELS = ['melanoma', 'nevus', 'basal_cell_carcinoma', 'actinic_keratosis', 'benign_keratosis',
@@ -373,6 +374,104 @@ def fit_square(img:Image.Image, # image (RGB) or mask (L)
     raise DataError(f"Unknown fit {fit!r}; choose 'pad', 'crop' or 'squash'")
 
 # %% ../nbs/01_data.ipynb #579ff2ee
+DRAFT_MARGIN = 4   # a JPEG is decoded at reduced scale only while it stays >= 4x its resized size
+
+def _fit_dims(w:int, h:int, size:int, fit:str)->tuple:
+    "The (width, height) that `fit_square` resizes a w×h image to before padding or cropping."
+    if fit == 'squash': return size, size
+    s = size / (max(w, h) if fit == 'pad' else min(w, h))
+    return max(1, round(w*s)), max(1, round(h*s))
+
+def load_image_for(path:str|Path, # image file
+                   size:int, # square side it will be resized to
+                   fit:str='pad', # 'pad', 'crop' or 'squash', as in `fit_square`
+                   draft:bool=True # let big JPEGs decode at 1/2, 1/4 or 1/8 scale (see DRAFT_MARGIN)
+                  )->tuple:
+    "Read an image that will be resized to `size`: (RGB image, its full (width, height))."
+    path = Path(path)
+    if not draft or path.suffix.lower() not in ('.jpg', '.jpeg'): im = load_image(path); return im, im.size
+    if not path.is_file(): raise DataError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            full = im.size; nw, nh = _fit_dims(*full, size, fit)
+            rw, rh = DRAFT_MARGIN * nw, DRAFT_MARGIN * nh
+            if im.format == 'JPEG' and min(full[0] // rw, full[1] // rh) >= 2: im.draft(im.mode, (rw, rh))
+            im.load()
+            return im.convert('RGB'), full
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or truncated image ({type(e).__name__}: {e})") from e
+
+# %% ../nbs/01_data.ipynb #54542b6f
+def item_arrays(rec:Record, # the record to read
+                size:int, # square side
+                fit:str='pad', # aspect-ratio handling, as in `fit_square`
+                with_mask:bool=True, # also read the record's mask, if it has one
+                draft:bool=True # reduced-scale JPEG decoding for big images (see `load_image_for`)
+               )->tuple:
+    "One record as tensors: uint8 image (3, S, S) and bool mask (1, S, S), or None."
+    img, full = load_image_for(rec.image, size, fit, draft)
+    x = torch.from_numpy(np.asarray(fit_square(img, size, fit), dtype=np.uint8).copy()).permute(2, 0, 1)
+    m = None
+    if with_mask and rec.mask is not None:
+        m = torch.from_numpy(np.asarray(fit_square(Image.fromarray(load_mask(rec.mask, size=full)), size, fit,
+                                                   is_mask=True)).copy())[None]
+    return x, m
+
+# %% ../nbs/01_data.ipynb #e4de95d4
+from .core import cached_dir
+
+ARRAY_CACHE_VERSION = 1   # bump when the stored arrays change meaning
+
+def array_cache_key(records:Sequence[Record], # records, in dataset order
+                    size:int, # square side
+                    fit:str='pad', # aspect-ratio handling
+                    with_mask:bool=True, # masks included
+                    draft:bool=True # reduced-scale JPEG decoding
+                   )->dict:
+    "The cache key of a record list's arrays: dataset, size, fit and a hash of every file's path, size and mtime."
+    def stat(p):
+        try: st = os.stat(p); return [str(p), st.st_size, st.st_mtime_ns]
+        except OSError: return [str(p), None, None]
+    files = [stat(r.image) + (stat(r.mask) if with_mask and r.mask is not None else []) for r in records]
+    import PIL
+    return {'dataset': '+'.join(sorted({r.source for r in records})) or 'empty', 'size': size, 'fit': fit,
+            'with_mask': bool(with_mask), 'draft_margin': DRAFT_MARGIN if draft else 0, 'n': len(records),
+            'files': stable_hash(files, n=24), 'pillow': PIL.__version__, 'version': ARRAY_CACHE_VERSION}
+
+def cached_arrays(records:Sequence[Record], # records, in dataset order
+                  size:int, # square side
+                  fit:str='pad', # aspect-ratio handling
+                  with_mask:bool=True, # include masks (records without one get an all-zero mask and has_mask False)
+                  draft:bool=True, # reduced-scale JPEG decoding (see `load_image_for`)
+                  build:bool=True, # decode and store the arrays on a miss; False returns None on a miss
+                  root:str|Path|None=None, # cache root override
+                  progress:bool=False # tqdm bar while decoding
+                 )->dict|None:
+    "Decoded, resized arrays of `records` from the dermnb cache, built on a miss: uint8 images, bool masks, has_mask."
+    key = array_cache_key(records, size, fit, with_mask, draft)
+    kind = f"arrays/{key['dataset']}"
+    final = cache_root(root)/kind/stable_hash(key)
+    if not (final/'images.npy').exists():
+        if not build: return None
+        def fill(p:Path):
+            from tqdm.auto import tqdm
+            xs = np.lib.format.open_memmap(p/'images.npy', 'w+', np.uint8, (len(records), 3, size, size))
+            ms = np.lib.format.open_memmap(p/'masks.npy', 'w+', bool, (len(records), 1, size, size)) if with_mask else None
+            has = np.zeros(len(records), bool)
+            for i, r in enumerate(tqdm(records, desc=f"decode {key['dataset']} {size}px", disable=not progress, leave=False)):
+                x, m = item_arrays(r, size, fit, with_mask, draft); xs[i] = x.numpy()
+                if m is not None: ms[i], has[i] = m.numpy(), True
+            xs.flush(); del xs
+            if ms is not None: ms.flush(); del ms
+            np.save(p/'has_mask.npy', has)
+        final = cached_dir(kind, key, fill, root=root)
+    out = {'images': np.load(final/'images.npy', mmap_mode='r'), 'has_mask': np.load(final/'has_mask.npy'), 'path': final}
+    out['masks'] = np.load(final/'masks.npy', mmap_mode='r') if (final/'masks.npy').exists() else None
+    return out
+
+def _array_cache_on()->bool: return os.environ.get('DERMNB_ARRAY_CACHE', '1') not in ('0', 'false', 'no', 'off')
+
+# %% ../nbs/01_data.ipynb #0c695195
 class DermDataset(torch.utils.data.Dataset):
     "Torch dataset of records: image in [-1,1], optional binary mask, label, caption and concepts."
     def __init__(self, records:Sequence[Record], # records to serve
@@ -381,21 +480,30 @@ class DermDataset(torch.utils.data.Dataset):
                  augment:bool=False, # paired random flips and 90° rotations of image and mask
                  caption_fn:Callable[[Record], str]|None=None, # record -> caption (e.g. a concept caption)
                  with_mask:bool=True, # return masks when records have them
-                 in_memory:bool=False # decode every item once and keep the tensors (fast repeated epochs)
+                 in_memory:bool=False, # decode every item once and keep the tensors (fast repeated epochs)
+                 cache:bool|None=None, # arrays in the dermnb cache: None reuses an entry and builds one when every item is read (in_memory, images_uint8); True always; False never
+                 draft:bool=True # big JPEGs decode at reduced scale (no effect below DRAFT_MARGIN x the size)
                 ):
         self.records, self.size, self.fit, self.augment = list(records), size, fit, augment
         self.caption_fn, self.with_mask, self._mem = caption_fn, with_mask, {} if in_memory else None
+        self.cache, self.draft, self._arrays = cache, draft, None
 
     def __len__(self): return len(self.records)
 
+    def _cached(self, build:bool):
+        "The cached arrays of this dataset, or None (looked up once; decoded and stored when `build`)."
+        if self.cache is False or (self.cache is None and not _array_cache_on()) or not self.records: return None
+        if self._arrays is None or (build and self._arrays is False):
+            try: self._arrays = cached_arrays(self.records, self.size, self.fit, self.with_mask, self.draft, build=build) or False
+            except OSError as e:   # a full or read-only cache: read the files instead
+                warnings.warn(f"array cache unavailable ({e}); decoding the images instead"); self.cache = False; return None
+        return self._arrays or None
+
     def _load(self, i):
-        r = self.records[i]; img = load_image(r.image)
-        x = torch.from_numpy(np.asarray(fit_square(img, self.size, self.fit), dtype=np.uint8).copy()).permute(2, 0, 1)
-        m = None
-        if self.with_mask and r.mask is not None:
-            m = torch.from_numpy(np.asarray(fit_square(Image.fromarray(load_mask(r.mask, size=img.size)), self.size,
-                                                        self.fit, is_mask=True)).copy())[None]
-        return x, m
+        c = self._cached(build=self.cache is True or self._mem is not None)
+        if c is None: return item_arrays(self.records[i], self.size, self.fit, self.with_mask, self.draft)
+        m = c['masks'] is not None and c['has_mask'][i] and self.with_mask
+        return torch.from_numpy(np.array(c['images'][i])), (torch.from_numpy(np.array(c['masks'][i])) if m else None)
 
     def __getitem__(self, i):
         if self._mem is not None and i in self._mem: x, m = self._mem[i]
@@ -414,7 +522,8 @@ class DermDataset(torch.utils.data.Dataset):
 
     def images_uint8(self)->torch.Tensor:
         "All images as one uint8 tensor (N, 3, S, S), without augmentation."
-        return torch.stack([self._load(i)[0] for i in range(len(self))])
+        c = self._cached(build=True)
+        return torch.from_numpy(np.array(c['images'])) if c is not None else torch.stack([self._load(i)[0] for i in range(len(self))])
 
 # %% ../nbs/01_data.ipynb #f3e44f8c
 def _concept_counts(recs:Sequence[Record])->dict:

@@ -594,6 +594,173 @@ test_eq(p.size, (64, 64)); test_eq(set(np.unique(np.asarray(p))), {0, 255}); tes
 test_eq(np.asarray(p)[:, 32].sum() // 255, 48)                 # 4:3 -> 64x48 content, padded
 test_eq(set(np.unique(np.asarray(fit_square(mk, 64, 'crop', True)))), {255})
 
+# %% [markdown]
+# ## Full-size images: decode at a reduced scale
+#
+# The official ISIC 2018 images are up to 6000×4000 pixels, and the quick profile resizes them to 64. Decoding every
+# pixel of a 24-megapixel JPEG to keep one in 5000 wastes most of the data-preparation time. A JPEG can be decoded at
+# 1/2, 1/4 or 1/8 of its size almost for free (PIL's `draft`, which scales the DCT blocks while decoding).
+# `load_image_for` uses it only while the decoded image stays at least `DRAFT_MARGIN` times the size it is resized
+# to, so the antialiased resize that follows still averages many pixels per output pixel. On the development copies
+# (256×192 and smaller) no draft applies at any profile size, so their pixels are exactly those of `load_image`.
+# Masks are PNG or BMP and always decode fully; their size is checked against the image's *full* size.
+
+# %%
+#| export
+DRAFT_MARGIN = 4   # a JPEG is decoded at reduced scale only while it stays >= 4x its resized size
+
+def _fit_dims(w:int, h:int, size:int, fit:str)->tuple:
+    "The (width, height) that `fit_square` resizes a w×h image to before padding or cropping."
+    if fit == 'squash': return size, size
+    s = size / (max(w, h) if fit == 'pad' else min(w, h))
+    return max(1, round(w*s)), max(1, round(h*s))
+
+def load_image_for(path:str|Path, # image file
+                   size:int, # square side it will be resized to
+                   fit:str='pad', # 'pad', 'crop' or 'squash', as in `fit_square`
+                   draft:bool=True # let big JPEGs decode at 1/2, 1/4 or 1/8 scale (see DRAFT_MARGIN)
+                  )->tuple:
+    "Read an image that will be resized to `size`: (RGB image, its full (width, height))."
+    path = Path(path)
+    if not draft or path.suffix.lower() not in ('.jpg', '.jpeg'): im = load_image(path); return im, im.size
+    if not path.is_file(): raise DataError(f"{path}: image file not found")
+    try:
+        with Image.open(path) as im:
+            full = im.size; nw, nh = _fit_dims(*full, size, fit)
+            rw, rh = DRAFT_MARGIN * nw, DRAFT_MARGIN * nh
+            if im.format == 'JPEG' and min(full[0] // rw, full[1] // rh) >= 2: im.draft(im.mode, (rw, rh))
+            im.load()
+            return im.convert('RGB'), full
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or truncated image ({type(e).__name__}: {e})") from e
+
+
+# %%
+_src = t1[0].image
+test_eq(np.asarray(load_image_for(_src, 64)[0]), np.asarray(load_image(_src)))   # 256x192 at 64 px: no draft
+with tempfile.TemporaryDirectory() as tmp:
+    big = Path(tmp)/'big.jpg'; load_image(_src).resize((4096, 3072), Image.BICUBIC).save(big, quality=90)
+    im, full = load_image_for(big, 64)
+    test_eq(full, (4096, 3072)); test_eq(im.size, (512, 384))                     # decoded at 1/8 scale
+    test_eq(load_image_for(big, 64, draft=False)[0].size, (4096, 3072))
+    test_eq(load_image_for(big, 512)[0].size, (2048, 1536))                       # 512 px: 1/2 scale keeps 4x
+    test_eq(load_image_for(big, 1024)[0].size, (4096, 3072))                      # 1024 px: no reduction keeps 4x
+    a, b = (np.asarray(fit_square(load_image_for(big, 64, draft=d)[0], 64), dtype=float) for d in (True, False))
+    psnr = 10 * np.log10(255**2 / ((a - b)**2).mean()); assert psnr > 35, psnr   # the resized pixels barely change
+    (Path(tmp)/'cut.jpg').write_bytes(big.read_bytes()[:5000])
+    test_fail(lambda: load_image_for(Path(tmp)/'cut.jpg', 64), contains='cut.jpg: unreadable or truncated')
+
+
+# %% [markdown]
+# `item_arrays` is what the torch dataset does with one record: read the image (at reduced scale when that is safe),
+# fit it to the square, and the same for its mask: a uint8 image tensor and a bool mask tensor.
+
+# %%
+#| export
+def item_arrays(rec:Record, # the record to read
+                size:int, # square side
+                fit:str='pad', # aspect-ratio handling, as in `fit_square`
+                with_mask:bool=True, # also read the record's mask, if it has one
+                draft:bool=True # reduced-scale JPEG decoding for big images (see `load_image_for`)
+               )->tuple:
+    "One record as tensors: uint8 image (3, S, S) and bool mask (1, S, S), or None."
+    img, full = load_image_for(rec.image, size, fit, draft)
+    x = torch.from_numpy(np.asarray(fit_square(img, size, fit), dtype=np.uint8).copy()).permute(2, 0, 1)
+    m = None
+    if with_mask and rec.mask is not None:
+        m = torch.from_numpy(np.asarray(fit_square(Image.fromarray(load_mask(rec.mask, size=full)), size, fit,
+                                                   is_mask=True)).copy())[None]
+    return x, m
+
+
+# %%
+x, m = item_arrays(t1[0], 64)
+test_eq((x.shape, x.dtype, m.shape, m.dtype), ((3, 64, 64), torch.uint8, (1, 64, 64), torch.bool)); assert m.any() and not m.all()
+test_eq(item_arrays(i19[0], 32)[1], None)
+
+# %% [markdown]
+# ## A cache of decoded arrays
+#
+# Every figure notebook runs in its own process and prepares its data again. On full-size data that is most of a
+# quick run's data time, so the decoded, resized arrays are cached: one entry per dataset, size, fit and file list,
+# under `$DERMNB_CACHE/arrays/<dataset>/`. The key holds every file's path, byte size and modification time, so
+# replacing, adding or touching a file makes a new entry instead of serving stale pixels; it also holds the draft
+# margin and the Pillow version (whose resampling defines the pixels). Entries are written through `cached_dir`, so a
+# crash while building leaves none. `benchmarks/data_prep.py` measures the first and the cached run on simulated
+# full-size inputs. Set `DERMNB_ARRAY_CACHE=0` to turn the cache off.
+
+# %%
+#| export
+from dermnb.core import cached_dir
+
+ARRAY_CACHE_VERSION = 1   # bump when the stored arrays change meaning
+
+def array_cache_key(records:Sequence[Record], # records, in dataset order
+                    size:int, # square side
+                    fit:str='pad', # aspect-ratio handling
+                    with_mask:bool=True, # masks included
+                    draft:bool=True # reduced-scale JPEG decoding
+                   )->dict:
+    "The cache key of a record list's arrays: dataset, size, fit and a hash of every file's path, size and mtime."
+    def stat(p):
+        try: st = os.stat(p); return [str(p), st.st_size, st.st_mtime_ns]
+        except OSError: return [str(p), None, None]
+    files = [stat(r.image) + (stat(r.mask) if with_mask and r.mask is not None else []) for r in records]
+    import PIL
+    return {'dataset': '+'.join(sorted({r.source for r in records})) or 'empty', 'size': size, 'fit': fit,
+            'with_mask': bool(with_mask), 'draft_margin': DRAFT_MARGIN if draft else 0, 'n': len(records),
+            'files': stable_hash(files, n=24), 'pillow': PIL.__version__, 'version': ARRAY_CACHE_VERSION}
+
+def cached_arrays(records:Sequence[Record], # records, in dataset order
+                  size:int, # square side
+                  fit:str='pad', # aspect-ratio handling
+                  with_mask:bool=True, # include masks (records without one get an all-zero mask and has_mask False)
+                  draft:bool=True, # reduced-scale JPEG decoding (see `load_image_for`)
+                  build:bool=True, # decode and store the arrays on a miss; False returns None on a miss
+                  root:str|Path|None=None, # cache root override
+                  progress:bool=False # tqdm bar while decoding
+                 )->dict|None:
+    "Decoded, resized arrays of `records` from the dermnb cache, built on a miss: uint8 images, bool masks, has_mask."
+    key = array_cache_key(records, size, fit, with_mask, draft)
+    kind = f"arrays/{key['dataset']}"
+    final = cache_root(root)/kind/stable_hash(key)
+    if not (final/'images.npy').exists():
+        if not build: return None
+        def fill(p:Path):
+            from tqdm.auto import tqdm
+            xs = np.lib.format.open_memmap(p/'images.npy', 'w+', np.uint8, (len(records), 3, size, size))
+            ms = np.lib.format.open_memmap(p/'masks.npy', 'w+', bool, (len(records), 1, size, size)) if with_mask else None
+            has = np.zeros(len(records), bool)
+            for i, r in enumerate(tqdm(records, desc=f"decode {key['dataset']} {size}px", disable=not progress, leave=False)):
+                x, m = item_arrays(r, size, fit, with_mask, draft); xs[i] = x.numpy()
+                if m is not None: ms[i], has[i] = m.numpy(), True
+            xs.flush(); del xs
+            if ms is not None: ms.flush(); del ms
+            np.save(p/'has_mask.npy', has)
+        final = cached_dir(kind, key, fill, root=root)
+    out = {'images': np.load(final/'images.npy', mmap_mode='r'), 'has_mask': np.load(final/'has_mask.npy'), 'path': final}
+    out['masks'] = np.load(final/'masks.npy', mmap_mode='r') if (final/'masks.npy').exists() else None
+    return out
+
+def _array_cache_on()->bool: return os.environ.get('DERMNB_ARRAY_CACHE', '1') not in ('0', 'false', 'no', 'off')
+
+
+# %%
+with tempfile.TemporaryDirectory() as tmp:
+    recs = t1[:3]
+    test_eq(cached_arrays(recs, 32, build=False, root=tmp), None)                 # a miss without build
+    c = cached_arrays(recs, 32, root=tmp)
+    test_eq((c['images'].shape, c['masks'].shape, c['has_mask'].tolist()), ((3, 3, 32, 32), (3, 1, 32, 32), [True]*3))
+    for i, r in enumerate(recs):                                                  # the same pixels as reading the files
+        x, m = item_arrays(r, 32); test_eq(c['images'][i], x.numpy()); test_eq(c['masks'][i], m.numpy())
+    test_eq(cached_arrays(recs, 32, build=False, root=tmp)['path'], c['path'])    # a hit
+    test_ne(array_cache_key(recs, 32), array_cache_key(recs, 32, fit='crop'))
+    test_ne(array_cache_key(recs, 32), array_cache_key(recs[:2], 32))
+    # touching or replacing a file makes a new key (copies in a temp root; the data root is never written)
+    mini = load_isic2018_task1(_mini_isic(Path(tmp)/'root', [r.id for r in recs]), join=False)
+    k0 = array_cache_key(mini, 32); os.utime(mini[1].mask, ns=(1, 1))
+    test_ne(array_cache_key(mini, 32), k0)
+
 
 # %%
 #| export
@@ -605,21 +772,30 @@ class DermDataset(torch.utils.data.Dataset):
                  augment:bool=False, # paired random flips and 90° rotations of image and mask
                  caption_fn:Callable[[Record], str]|None=None, # record -> caption (e.g. a concept caption)
                  with_mask:bool=True, # return masks when records have them
-                 in_memory:bool=False # decode every item once and keep the tensors (fast repeated epochs)
+                 in_memory:bool=False, # decode every item once and keep the tensors (fast repeated epochs)
+                 cache:bool|None=None, # arrays in the dermnb cache: None reuses an entry and builds one when every item is read (in_memory, images_uint8); True always; False never
+                 draft:bool=True # big JPEGs decode at reduced scale (no effect below DRAFT_MARGIN x the size)
                 ):
         self.records, self.size, self.fit, self.augment = list(records), size, fit, augment
         self.caption_fn, self.with_mask, self._mem = caption_fn, with_mask, {} if in_memory else None
+        self.cache, self.draft, self._arrays = cache, draft, None
 
     def __len__(self): return len(self.records)
 
+    def _cached(self, build:bool):
+        "The cached arrays of this dataset, or None (looked up once; decoded and stored when `build`)."
+        if self.cache is False or (self.cache is None and not _array_cache_on()) or not self.records: return None
+        if self._arrays is None or (build and self._arrays is False):
+            try: self._arrays = cached_arrays(self.records, self.size, self.fit, self.with_mask, self.draft, build=build) or False
+            except OSError as e:   # a full or read-only cache: read the files instead
+                warnings.warn(f"array cache unavailable ({e}); decoding the images instead"); self.cache = False; return None
+        return self._arrays or None
+
     def _load(self, i):
-        r = self.records[i]; img = load_image(r.image)
-        x = torch.from_numpy(np.asarray(fit_square(img, self.size, self.fit), dtype=np.uint8).copy()).permute(2, 0, 1)
-        m = None
-        if self.with_mask and r.mask is not None:
-            m = torch.from_numpy(np.asarray(fit_square(Image.fromarray(load_mask(r.mask, size=img.size)), self.size,
-                                                        self.fit, is_mask=True)).copy())[None]
-        return x, m
+        c = self._cached(build=self.cache is True or self._mem is not None)
+        if c is None: return item_arrays(self.records[i], self.size, self.fit, self.with_mask, self.draft)
+        m = c['masks'] is not None and c['has_mask'][i] and self.with_mask
+        return torch.from_numpy(np.array(c['images'][i])), (torch.from_numpy(np.array(c['masks'][i])) if m else None)
 
     def __getitem__(self, i):
         if self._mem is not None and i in self._mem: x, m = self._mem[i]
@@ -638,7 +814,8 @@ class DermDataset(torch.utils.data.Dataset):
 
     def images_uint8(self)->torch.Tensor:
         "All images as one uint8 tensor (N, 3, S, S), without augmentation."
-        return torch.stack([self._load(i)[0] for i in range(len(self))])
+        c = self._cached(build=True)
+        return torch.from_numpy(np.array(c['images'])) if c is not None else torch.stack([self._load(i)[0] for i in range(len(self))])
 
 
 # %%
@@ -651,6 +828,48 @@ test_eq(set(b['mask'].unique().tolist()) <= {0., 1.}, True)
 torch.manual_seed(0); it = ds[0]; pad = (it['image'] == -1).all(0)
 assert not (pad & (it['mask'][0] > 0)).any()
 test_eq(len(DermDataset(i19[:3], 32)[0].keys() & {'mask'}), 0)     # no mask for ISIC 2019
+
+
+# %% [markdown]
+# The cache and the reduced-scale decoding change no pixel of the default path: on the development copies, every
+# fit and profile size gives exactly what decoding each file with `load_image` and `fit_square` gives (the code
+# before the cache), whether the arrays come from the files, a fresh cache entry, or an existing one. The dataset
+# reuses an entry without being asked, and builds one when it is asked for every item (`in_memory`, `images_uint8`).
+
+# %%
+def _today(r, size, fit):
+    "The pixels DermDataset served before the array cache: full decode, fit_square."
+    img = load_image(r.image); x = np.asarray(fit_square(img, size, fit), dtype=np.uint8).transpose(2, 0, 1)
+    m = None if r.mask is None else np.asarray(fit_square(Image.fromarray(load_mask(r.mask, size=img.size)), size, fit, is_mask=True))[None]
+    return x, m
+
+_old_cache = os.environ.get('DERMNB_CACHE')
+with tempfile.TemporaryDirectory() as tmp:
+    os.environ['DERMNB_CACHE'] = tmp
+    recs = t1[:4] + ph2[:2] + d7[:2]
+    for size, fit in [(64, 'pad'), (64, 'crop'), (64, 'squash'), (128, 'pad'), (512, 'squash')]:
+        ref = [_today(r, size, fit) for r in recs]
+        lazy = DermDataset(recs, size, fit)                                   # no entry yet: reads the files
+        test_eq(lazy._cached(build=False), None)
+        for ds in (lazy, DermDataset(recs, size, fit, cache=False), DermDataset(recs, size, fit, in_memory=True),
+                   DermDataset(recs, size, fit), DermDataset(recs, size, fit, draft=False)):
+            for (x0, m0), i in zip(ref, range(len(recs))):
+                x, m = ds._load(i); test_eq(x.numpy(), x0); test_eq(x.dtype, torch.uint8)
+                test_eq(None if m is None else m.numpy(), m0); assert m is None or m.dtype == torch.bool
+        test_eq(DermDataset(recs, size, fit).images_uint8().numpy(), np.stack([x for x, _ in ref]))
+    assert DermDataset(recs, 64)._cached(build=False) is not None            # the in_memory dataset left an entry
+    test_eq(len(list((Path(tmp)/'arrays').rglob('images.npy'))), 5)
+    os.environ['DERMNB_ARRAY_CACHE'] = '0'; assert DermDataset(recs, 64)._cached(build=True) is None
+    os.environ['DERMNB_CACHE'] = '/proc/no-cache-here'                     # an unwritable cache: the files are read instead
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always'); del os.environ['DERMNB_ARRAY_CACHE']
+        test_eq(DermDataset(recs, 64, 'crop', in_memory=True)._load(0)[0].numpy(), _today(recs[0], 64, 'crop')[0])
+    assert any('array cache unavailable' in str(x.message) for x in w)
+    os.environ['DERMNB_CACHE'] = tmp
+    b2 = next(iter(torch.utils.data.DataLoader(DermDataset(t1[:8], 64, in_memory=True), batch_size=8)))
+    test_eq(b2['image'], next(iter(torch.utils.data.DataLoader(DermDataset(t1[:8], 64, cache=False), batch_size=8)))['image'])
+if _old_cache is None: del os.environ['DERMNB_CACHE']
+else: os.environ['DERMNB_CACHE'] = _old_cache
 
 
 # %% [markdown]

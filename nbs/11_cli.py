@@ -60,6 +60,43 @@ def cmd_data_summary(args # parsed arguments: root, seed, json
 
 
 # %% [markdown]
+# ## Getting the data
+#
+# `dermnb data download` fills a data root with the public datasets in the official layouts (resumable, checked
+# against the source table of `dermnb.download`) and prints the registration steps for PH2 and Derm7pt;
+# `dermnb data add ph2|derm7pt FILE` unpacks what the user downloaded there; `dermnb data check` validates a root and
+# prints, per dataset, what is wrong and the command that fixes it. A failing download makes the exit status 1 and
+# the other datasets still download; `check` exits 1 when any dataset is not ok.
+
+# %%
+#| export
+def cmd_data_download(args # parsed `dermnb data download` arguments
+                      )->int:
+    "Download the public datasets into the data root; print the steps for those behind registration."
+    from dermnb.download import download
+    rep = download(args.datasets, args.root, force=args.force, dry_run=args.dry_run, keep_archives=args.keep_archives,
+                   keep_going=True, progress=not args.quiet)
+    bad = [r for r in rep if r['status'] == 'failed']
+    todo = sorted({r['dataset'] for r in rep if r['status'] == 'needs registration'})
+    if not args.dry_run: print(f"download: {len(rep) - len(bad)} ok, {len(bad)} failed" + (f"; by registration: {', '.join(todo)} (see above)" if todo else ''))
+    return 1 if bad else 0
+
+def cmd_data_add(args # parsed `dermnb data add` arguments
+                 )->int:
+    "Unpack a dataset downloaded after registration (ph2, derm7pt) into the data root."
+    from dermnb.download import add_dataset
+    add_dataset(args.dataset, args.file, args.root, force=args.force); return 0
+
+def cmd_data_check(args # parsed `dermnb data check` arguments
+                   )->int:
+    "Validate a data root per dataset and print the fixes."
+    from dermnb.download import check_root, format_check
+    res = check_root(args.root, args.datasets, deep=not args.quick, progress=not args.quiet and not args.json)
+    print(json.dumps(res, indent=2) if args.json else format_check(res))
+    return 0 if all(r['status'] == 'ok' for r in res.values()) else 1
+
+
+# %% [markdown]
 # ## Figures
 #
 # `dermnb figures [NAME ...] --profile quick|full` runs the paper-figure notebooks through papermill and updates
@@ -202,6 +239,24 @@ def build_parser()->argparse.ArgumentParser:
     s.add_argument('--root', help='data root (default $DERMNB_DATA)'); s.add_argument('--seed', type=int, default=0)
     s.add_argument('--json', action='store_true', help='print one JSON object keyed by dataset')
     s.set_defaults(fn=cmd_data_summary)
+    s = data.add_parser('download', help='download the public datasets into the data root, in the official layouts')
+    s.add_argument('--root', help='data root to fill (default $DERMNB_DATA; created if missing)')
+    s.add_argument('--datasets', default='all', help='comma-separated isic2018_task1,isic2017,isic2019,ph2,derm7pt,enhance,taef2, or all')
+    s.add_argument('--dry-run', action='store_true', help='list what would be fetched, with sizes, and download nothing')
+    s.add_argument('--force', action='store_true', help='download again and replace files that are already present')
+    s.add_argument('--keep-archives', action='store_true', help='keep the zip archives under ROOT/.download after unpacking')
+    s.add_argument('--quiet', action='store_true', help='no progress bars')
+    s.set_defaults(fn=cmd_data_download)
+    s = data.add_parser('add', help='unpack PH2 or Derm7pt, downloaded after registering, into the data root')
+    s.add_argument('dataset', choices=['ph2', 'derm7pt']); s.add_argument('file', help='the downloaded archive, or its unpacked folder')
+    s.add_argument('--root', help='data root (default $DERMNB_DATA; created if missing)')
+    s.add_argument('--force', action='store_true', help='replace the dataset if it is already there')
+    s.set_defaults(fn=cmd_data_add)
+    s = data.add_parser('check', help='validate a data root: layouts, counts, pairing, sizes, corrupt files; prints the fixes')
+    s.add_argument('--root', help='data root (default $DERMNB_DATA)'); s.add_argument('--datasets', default='all', help='comma-separated keys, or all')
+    s.add_argument('--quick', action='store_true', help='read file headers only, without decoding the images')
+    s.add_argument('--json', action='store_true', help='print one JSON object keyed by dataset'); s.add_argument('--quiet', action='store_true')
+    s.set_defaults(fn=cmd_data_check)
 
     f = sub.add_parser('figures', help='run the paper-figure notebooks with papermill')
     f.add_argument('names', nargs='*', help='figure names (default: all)')
@@ -303,3 +358,18 @@ p = build_parser()
 a = p.parse_args(['generate', '--method', 'base', '--n', '4', '--out', 'x', '--seed', '3'])
 test_eq((a.fn, a.n, a.seed, a.profile), (cmd_generate, 4, 3, 'quick'))
 test_eq(p.parse_args(['train', 'base', '--refresh']).fn, cmd_train_base)
+
+# %% [markdown]
+# The data commands parse, `check` passes on the shared root's ENHANCE and TAEF2 files, and `add` names a missing file in one line
+# (the download itself is tested offline, against a local server, in `tests/test_download.py`).
+
+# %%
+a = p.parse_args(['data', 'download', '--datasets', 'enhance,taef2', '--dry-run'])
+test_eq((a.fn, a.datasets, a.dry_run, a.force), (cmd_data_download, 'enhance,taef2', True, False))
+test_eq(p.parse_args(['data', 'add', 'ph2', 'PH2Dataset.rar']).fn, cmd_data_add)
+out = io.StringIO()
+with contextlib.redirect_stdout(out): rc = main(['data', 'check', '--datasets', 'enhance,taef2', '--quiet'])
+test_eq(rc, 0); assert 'enhance' in out.getvalue() and 'all datasets ok' in out.getvalue()
+err = io.StringIO()
+with contextlib.redirect_stderr(err): rc = main(['data', 'add', 'ph2', '/no/such/PH2Dataset.rar', '--root', '/tmp/x'])
+test_eq(rc, 2); assert 'PH2Dataset.rar: file not found' in err.getvalue()
