@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
+import matplotlib.pyplot as plt
 from .core import (DataError, WeightsMissingError, atomic_save, cached_dir, load_image, load_mask, get_device, data_root,
-                         channels_last, image_files, CPU_BATCH)
+                         channels_last, image_files, CPU_BATCH, GT_COLOR, PRED_COLOR)
 from .pretrained import load_effnet_lite0, lite0_pyramid
 
 # %% auto #0
@@ -655,8 +656,6 @@ def plot_ged_examples(image, # the image the masks belong to
                       ncols:int=4 # panels per row
                      ):
     "One panel per example: references in green, samples in red (dashed), titled with GED and its terms."
-    import matplotlib.pyplot as plt
-    from dermnb.core import GT_COLOR, PRED_COLOR
     img = as_image_batch(image)[0].permute(1, 2, 0).numpy(); n = len(examples); nrows = -(-n // ncols)
     fig, axs = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.3 * nrows), squeeze=False)
     for ax, (name, (smp, ref)) in zip(axs.flat, examples.items()):
@@ -671,10 +670,9 @@ def plot_ged_examples(image, # the image the masks belong to
 
 # %% ../nbs/02_metrics.ipynb #288767c8
 def plot_seg_crosscheck(xc:pd.DataFrame, # from `isic_crosscheck`
-                        metrics:Sequence[str]=('jaccard', 'dice', 'threshold_jaccard', 'precision', 'recall', 'specificity')
+                        metrics:Sequence[str]=('jaccard', 'dice', 'threshold_jaccard', 'precision', 'recall', 'specificity') # one panel each
                        ):
     "Scatter of dermnb against isic-challenge-scoring values per metric, coloured by perturbation."
-    import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, len(metrics), figsize=(2.9 * len(metrics), 3.2), squeeze=False)
     perts = list(dict.fromkeys(xc.perturbation))
     for ax, k in zip(axs[0], metrics):
@@ -692,7 +690,6 @@ def plot_seg_crosscheck(xc:pd.DataFrame, # from `isic_crosscheck`
 def plot_degradation_curve(curve:pd.DataFrame # from `fid_degradation_curve`
                           ):
     "FID and KID (± std over subsets) against the level of each degradation; returns the figure."
-    import matplotlib.pyplot as plt
     kinds = list(dict.fromkeys(curve.degradation)); units = {'noise': 'noise σ (intensity, [0, 1])', 'blur': 'blur σ (pixels)'}
     fig, axs = plt.subplots(2, len(kinds), figsize=(4.2 * len(kinds), 6), squeeze=False)
     for j, k in enumerate(kinds):

@@ -69,6 +69,7 @@ with tempfile.TemporaryDirectory() as d:
     test_eq(t.columns.tolist(), ['dice', 'profile', 'data_root', 'seed']); test_eq(t.seed[0], 3)
     assert (Path(d)/'p.png').exists()
 
+
 # %% [markdown]
 # Every figure notebook starts the same way: seed everything, resolve the data root, make its `FigureOut`, and set the
 # plotting theme. `figure_setup` does it in one call, so the notebooks keep only what is theirs.
