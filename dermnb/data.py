@@ -113,6 +113,7 @@ def load_isic2017(root:str|Path|None=None # data root; default $DERMNB_DATA
     gt['diagnosis'] = pd.Series(orig).map({'melanoma': 'melanoma', 'seborrheic_keratosis': 'benign_keratosis', 'nevus': 'nevus'})
     return gt.merge(md, on='image_id', how='left').set_index('image_id')
 
+# %% ../nbs/01_data.ipynb #445f000b
 def load_isic2019_labels(root:str|Path|None=None # data root; default $DERMNB_DATA
                         )->pd.DataFrame:
     "ISIC 2019 one-hot ground truth as a label column, joined with the metadata, one row per image."
@@ -231,6 +232,7 @@ def _ph2_concepts(row)->dict:
     c['colors'] = [k.lower() for k in _PH2_COLORS if isinstance(row.get(k), str) and row[k].strip().upper() == 'X']
     return c
 
+# %% ../nbs/01_data.ipynb #68f6d6f9
 def load_ph2(root:str|Path|None=None, # data root; default $DERMNB_DATA
              strict:bool=False, # raise on the first case without image or mask instead of skipping it
              join:bool=True # attach ENHANCE crowd scores
@@ -254,7 +256,7 @@ def load_ph2(root:str|Path|None=None, # data root; default $DERMNB_DATA
         recs.append(rec)
     return bad.done(recs)
 
-# %% ../nbs/01_data.ipynb #68f6d6f9
+# %% ../nbs/01_data.ipynb #934811d0
 DERM7PT_CRITERIA = ['pigment_network', 'streaks', 'pigmentation', 'regression_structures', 'dots_and_globules',
                     'blue_whitish_veil', 'vascular_structures']
 
@@ -268,6 +270,7 @@ def derm7pt_label(dx:str # Derm7pt diagnosis string
             'lentigo': 'benign_keratosis', 'dermatofibroma': 'dermatofibroma',
             'vascular lesion': 'vascular_lesion'}.get(dx, 'other')
 
+# %% ../nbs/01_data.ipynb #9c9f8cab
 def load_derm7pt(root:str|Path|None=None, # data root; default $DERMNB_DATA
                  strict:bool=False # raise when a meta row has no image instead of skipping it
                 )->Records:
@@ -302,6 +305,7 @@ def check_record(rec:Record)->None:
     img = load_image(rec.image)
     if rec.mask is not None: load_mask(rec.mask, size=img.size)
 
+# %% ../nbs/01_data.ipynb #f040d62b
 def verify_records(records:Sequence[Record], # records to check
                    strict:bool=False # raise on the first problem instead of skipping it
                   )->Records:
@@ -330,12 +334,14 @@ def make_splits(records:Sequence[Record], # records of one dataset
         return names[min(int(np.searchsorted(cuts, u, side='right')), len(names) - 1)]
     return {r.id: which(r.meta.get('lesion_id') or r.id) for r in records}
 
+# %% ../nbs/01_data.ipynb #bc8103cc
 def split_file(dataset:str, # dataset key
                seed:int=0 # split seed
               )->Path:
     "Where the split assignment of a dataset is stored."
     return cache_root()/'splits'/f'{dataset}_seed{seed}.csv'
 
+# %% ../nbs/01_data.ipynb #1f801cf9
 def get_split(dataset:str, # dataset key, e.g. 'isic2018_task1'
               split:str|None=None, # 'train', 'val', 'test', or None for all records (split in meta['split'])
               root:str|Path|None=None, # data root; default $DERMNB_DATA
@@ -438,6 +444,7 @@ def array_cache_key(records:Sequence[Record], # records, in dataset order
             'with_mask': bool(with_mask), 'draft_margin': DRAFT_MARGIN if draft else 0, 'n': len(records),
             'files': stable_hash(files, n=24), 'pillow': PIL.__version__, 'version': ARRAY_CACHE_VERSION}
 
+# %% ../nbs/01_data.ipynb #1a485ffe
 def cached_arrays(records:Sequence[Record], # records, in dataset order
                   size:int, # square side
                   fit:str='pad', # aspect-ratio handling

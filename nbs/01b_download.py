@@ -63,6 +63,9 @@ class Source:
     checksum:str=''        # where `sha256` comes from, or why there is none
     approx:str=''          # a rough size for people when `size` is unknown (never checked, never used as a size)
 
+
+# %%
+#| export
 @dataclass(frozen=True)
 class DatasetSource:
     "A dataset's licence, citation and official files; for datasets behind registration, the steps to get them."
@@ -182,6 +185,9 @@ def get_sources(overrides:dict|None=None # {source name: {url, size, sha256, ...
                                   f"{[s.name for d in out.values() for s in d.sources]}")
     return out
 
+
+# %%
+#| export
 def parse_datasets(spec:str|Sequence[str]|None='all' # 'all', a comma-separated string or a list of dataset keys
                   )->list:
     "Dataset keys from a --datasets value, in table order."
@@ -607,6 +613,9 @@ def licence_text(ds:DatasetSource)->str:
     "Two lines: the dataset's licence and what to cite."
     return f"  licence: {ds.licence}\n  cite: {ds.citation}"
 
+
+# %%
+#| export
 def registration_steps(ds:DatasetSource, # a dataset behind registration (ph2, derm7pt)
                        root:str|Path # the data root the add command fills
                       )->str:
@@ -676,6 +685,9 @@ def fetch_source(src:Source, # the file to fetch
     if not keep_archives: dl.unlink()
     return 'unpacked'
 
+
+# %%
+#| export
 def download(datasets:str|Sequence[str]='all', # dataset keys, a comma-separated string or 'all'
              root:str|Path|None=None, # data root to fill (created); default $DERMNB_DATA
              force:bool=False, # download and replace files already present
@@ -975,6 +987,9 @@ def check_dataset(key:str, # dataset key
     if out['errors']: out.update(status='broken', fix=_fix(ds, root, True))
     return out
 
+
+# %%
+#| export
 def check_root(root:str|Path|None=None, # data root; default $DERMNB_DATA
                datasets:str|Sequence[str]='all', # which datasets
                deep:bool=True, # decode every file (False: headers only)
@@ -984,6 +999,9 @@ def check_root(root:str|Path|None=None, # data root; default $DERMNB_DATA
     root = _check_root_dir(root)
     return {k: check_dataset(k, root, deep, progress) for k in parse_datasets(datasets)}
 
+
+# %%
+#| export
 def format_check(res:dict, # check_root's result
                  k:int=5 # problems listed per dataset
                 )->str:

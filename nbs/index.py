@@ -22,7 +22,8 @@
 # | `00_core` | `dermnb.core` | profiles, configs with stable hashes, seeding, devices, atomic cache, image I/O and image↔tensor, listing images, plots, reading measured results |
 # | `00a_pretrained` | `dermnb.pretrained` | the offline pretrained networks: EfficientNet-Lite0 (and its feature pyramid), MiniLM |
 # | `01_data` | `dermnb.data` | ISIC 2017/2018/2019, PH2, Derm7pt, ENHANCE loaders; records, joins, leak-free splits, torch datasets |
-# | `01a_captions` | `dermnb.captions` | captions from diagnosis, expert/crowd concepts and metadata |
+# | `01a_captions` | `dermnb.captions` | captions from diagnosis, expert/crowd concepts and metadata; measured morphology; captions with provenance |
+# | `01b_download` | `dermnb.download` | `dermnb data download/add/check`: checked, resumable downloads into the official layouts |
 # | `02_metrics` | `dermnb.metrics` | Dice/IoU/ISIC thresholded Jaccard (checked against the official scorer), FID/KID, LPIPS-style and NS-LPIPS, GED |
 # | `03_diffusion` | `dermnb.diffusion` | TAEF2/SD autoencoders, DDIM sampling and inversion, h-space hook, multi-condition noise prediction, LoRA, SD pipelines, the `Backbone` |
 # | `03a_training` | `dermnb.training` | one diffusion trainer on `accelerate` (CPU, GPU, several GPUs or machines), cached by config |
@@ -43,19 +44,27 @@
 # %% [markdown]
 # ## Install and run
 #
-# You need Python ≥ 3.10 and the datasets in their official layouts (see `data/README.md`); point `DERMNB_DATA` at
-# them. Two commands do everything, creating `.venv` and installing the pinned dependencies on first use:
+# You need Python ≥ 3.10. Three commands do everything, each creating `.venv` and installing the pinned dependencies
+# on first use:
 #
 # ```sh
-# export DERMNB_DATA=/path/to/dermdata   # default: ../shared/dermdata
-# make figures          # the main job: all paper figures, quick profile (PROFILE=full on a GPU)
-# make test             # every test: sync checks, nbdev_test on all notebooks, pytest
+# make data       # downloads ISIC 2017/2018/2019, ENHANCE and the TAEF2 weights into $DERMNB_DATA (default ./data),
+#                 # checked by size and sha256, resumable; prints the registration steps for PH2 and Derm7pt, which
+#                 # end in `dermnb data add ph2 FILE` / `dermnb data add derm7pt FILE`
+# make figures    # the main job: all paper figures, quick profile (PROFILE=full on a GPU); without data it says what to run
+# make test       # every test: sync and layering checks, nbdev_test on all notebooks, pytest
 # ```
+#
+# Already have the datasets in their official layouts (`data/README.md`)? Point `DERMNB_DATA` at them and skip
+# `make data`; `dermnb data check` validates a root and names the command that fixes each problem.
 #
 # Other targets: `make lab` (JupyterLab on `nbs/` with jupytext pairing), `make sync` (after editing notebooks),
 # `make figures FIGS=data_overview` (one figure). The command line has the same jobs:
 #
 # ```sh
+# dermnb data download [--root DIR] [--datasets ...|all] [--dry-run] [--force]   # fetch the public datasets
+# dermnb data add ph2|derm7pt FILE [--root DIR]              # unpack a downloaded registration-only archive
+# dermnb data check [--root DIR]                            # layouts, counts, pairing, sizes, corrupt files
 # dermnb data summary [--root DIR] [--json]                 # counts, splits, labels, concepts per dataset
 # dermnb figures [NAME ...] --profile quick|full [--out figures/]
 # dermnb eval seg --pred DIR --gt DIR [--json] [--csv F]   # Dice, Jaccard, thresholded Jaccard, ...
