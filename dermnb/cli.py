@@ -10,7 +10,7 @@ from .core import DermnbError, PROFILES
 
 # %% auto #0
 __all__ = ['cmd_data_summary', 'cmd_data_download', 'cmd_data_add', 'cmd_data_check', 'cmd_figures', 'cmd_eval_seg',
-           'cmd_eval_fid', 'cmd_segment', 'cmd_train_base', 'cmd_generate', 'build_parser', 'main']
+           'cmd_eval_fid', 'cmd_segment', 'cmd_train_base', 'cmd_generate', 'cmd_caption', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #1be7f98f
 def _fmt_counts(d:dict, # {value: count} or {value: {k: v}}
@@ -138,16 +138,41 @@ def cmd_train_base(args # parsed arguments: profile, root, seed, device, refresh
     return 0
 
 # %% ../nbs/11_cli.ipynb #f13a5720
-def cmd_generate(args # parsed arguments: method, n, out, seed, profile, root, device
+def cmd_generate(args # parsed arguments: method, prompt, n, out, seed, guidance, steps, captions, profile, root, device
                 )->int:
-    "Sample the base model into a folder of PNGs."
-    from dermnb.base import load_base_model, generate
+    "Sample a model (the base model, or LesionGen trained and cached on first use) into a folder of PNGs."
     from dermnb.core import save_image
-    bb = load_base_model(args.profile, args.root, device=args.device)
-    x = generate(bb, [''] * args.n, seed=args.seed)
+    if args.n <= 0: raise DermnbError(f"--n must be a positive number of images, not {args.n}")
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(x): save_image(((im.float().cpu() + 1) / 2).clamp(0, 1), out/f'base_{args.seed}_{i:05d}.png')
+    if args.method == 'lesiongen':
+        from dermnb.lesiongen import load_lesiongen, generate_lesiongen
+        if args.prompt is None: raise DermnbError("--method lesiongen needs --prompt, e.g. --prompt 'dermoscopy of a melanoma with streaks'")
+        print(f'loading LesionGen ({args.captions} captions; trained and cached on first use) ...', file=sys.stderr)
+        bb = load_lesiongen(args.profile, args.captions, args.root, args.device)
+        x = generate_lesiongen(bb, args.prompt, args.n, out, args.seed, args.guidance, args.steps)
+    else:
+        from dermnb.base import load_base_model, generate
+        if args.prompt is not None and not args.prompt.strip(): raise DermnbError("empty --prompt; leave it out to sample unconditionally")
+        bb = load_base_model(args.profile, args.root, device=args.device)
+        x = generate(bb, [args.prompt or ''] * args.n, args.guidance, args.steps, seed=args.seed)
+        for i, im in enumerate(x): save_image(((im.float().cpu() + 1) / 2).clamp(0, 1), out/f'base_{args.seed}_{i:05d}.png')
     print(f'generate: {len(x)} images written to {out}')
+    return 0
+
+# %% ../nbs/11_cli.ipynb #5f388b68
+def cmd_caption(args # parsed arguments: dataset, out, root, device
+               )->int:
+    "Write concept-rich captions with provenance as JSONL."
+    from dermnb.lesiongen import caption_dataset, CaptionConfig, CAPTION_DATASETS
+    from dermnb.core import atomic_write
+    ds = CAPTION_DATASETS if args.dataset == 'all' else tuple(args.dataset.split(','))
+    bad = [d for d in ds if d not in CAPTION_DATASETS]
+    if bad: raise DermnbError(f"unknown dataset(s) {bad}; choose from {list(CAPTION_DATASETS)} or 'all'")
+    rows = []
+    for d in ds: rows += caption_dataset(CaptionConfig(datasets=(d,), splits=('train', 'val', 'test')), args.root, args.device)
+    with atomic_write(args.out, 'w') as f:
+        for r in rows: f.write(json.dumps(r) + '\n')
+    print(f'caption: {len(rows)} captions written to {args.out}')
     return 0
 
 # %% ../nbs/11_cli.ipynb #ff63c8ad
@@ -214,10 +239,18 @@ def build_parser()->argparse.ArgumentParser:
     t.add_argument('--device', default='auto'); t.add_argument('--refresh', action='store_true', help='retrain even if cached')
     t.set_defaults(fn=cmd_train_base)
     gen = sub.add_parser('generate', help='sample a model into a folder of PNGs')
-    gen.add_argument('--method', choices=['base'], default='base'); gen.add_argument('--n', type=int, required=True)
+    gen.add_argument('--method', choices=['base', 'lesiongen'], default='base'); gen.add_argument('--n', type=int, required=True)
+    gen.add_argument('--prompt', help='text prompt (lesiongen: required; base: default unconditional)')
+    gen.add_argument('--guidance', type=float, default=4., help='classifier-free guidance (default 4)')
+    gen.add_argument('--steps', type=int, default=20, help='DDIM steps (default 20)')
+    gen.add_argument('--captions', choices=['rich', 'label'], default='rich', help="lesiongen: which LoRA of the ablation")
     gen.add_argument('--out', required=True); gen.add_argument('--seed', type=int, default=0)
     gen.add_argument('--profile', choices=sorted(PROFILES), default='quick'); gen.add_argument('--root'); gen.add_argument('--device', default='auto')
     gen.set_defaults(fn=cmd_generate)
+    c = sub.add_parser('caption', help='concept-rich captions with provenance, as JSONL')
+    c.add_argument('--dataset', required=True, help="isic2018_task1, isic2019, ph2, derm7pt (comma-separated) or 'all'")
+    c.add_argument('--out', required=True, help='output .jsonl'); c.add_argument('--root'); c.add_argument('--device', default='auto')
+    c.set_defaults(fn=cmd_caption)
     return p
 
 # %% ../nbs/11_cli.ipynb #5de9f2aa

@@ -20,11 +20,11 @@ from .pretrained import minilm_dir
 
 # %% auto #0
 __all__ = ['TEXT_ENCODERS', 'UNET_LORA_TARGETS', 'TEXT_LORA_TARGETS', 'LORA_FILE', 'SD_DEFAULT_MODEL', 'TAEBlock', 'tae_encoder',
-           'tae_decoder', 'TinyAE', 'LatentAE', 'taef2_dir', 'load_taef2', 'recon_psnr', 'load_sd_vae', 'make_unet',
-           'make_scheduler', 'cond_kwargs', 'unet_eps', 'to_eps', 'predict_noise_multi', 'guided_eps', 'ddim_sample',
-           'ddim_invert', 'HSpaceHook', 'hspace_hook', 'TextEncoder', 'load_minilm', 'load_text_encoder', 'add_lora',
-           'save_lora', 'load_lora', 'tiny_clip_tokenizer', 'tiny_sd_pipeline', 'sd_model_id', 'load_sd_pipeline',
-           'Backbone', 'load_ae']
+           'tae_decoder', 'TinyAE', 'LatentAE', 'taef2_dir', 'load_taef2', 'recon_psnr', 'DualTinyAE', 'load_sd_vae',
+           'make_unet', 'make_scheduler', 'widen_unet_io', 'cond_kwargs', 'unet_eps', 'to_eps', 'predict_noise_multi',
+           'guided_eps', 'ddim_sample', 'ddim_invert', 'HSpaceHook', 'hspace_hook', 'TextEncoder', 'load_minilm',
+           'load_text_encoder', 'add_lora', 'save_lora', 'load_lora', 'tiny_clip_tokenizer', 'tiny_sd_pipeline',
+           'sd_model_id', 'load_sd_pipeline', 'Backbone', 'load_ae']
 
 # %% ../nbs/03_diffusion.ipynb #d765c3c2
 def _conv3(n_in, n_out, **kw): return nn.Conv2d(n_in, n_out, 3, padding=1, **kw)
@@ -164,6 +164,21 @@ def recon_psnr(x:torch.Tensor, # reference images in [-1,1], (B,3,H,W)
     mse = (((x.float() - y.float()) / 2) ** 2).flatten(1).mean(1)
     return 10 * torch.log10(1 / mse.clamp_min(1e-12))
 
+# %% ../nbs/03_diffusion.ipynb #3a1407e8
+class DualTinyAE(nn.Module):
+    "Image (3 channels) + rendered mask (3 channels) <-> 2 x C latent channels with one frozen TAESD-family AE."
+    def __init__(self, ae:TinyAE # e.g. TAEF2 (`TinyAE.from_files`)
+                ):
+        super().__init__()
+        self.ae = ae.eval().requires_grad_(False)
+        self.latent_channels, self.factor, self.half = 2 * ae.latent_channels, ae.factor, ae.latent_channels
+        self.encoder = _Split(ae.encoder, 3); self.decoder = _Split(ae.decoder, ae.latent_channels)
+
+class _Split(nn.Module):
+    "Apply one network to both halves of the channels and concatenate the results."
+    def __init__(self, net, n): super().__init__(); self.net, self.n = net, n
+    def forward(self, x): return torch.cat([self.net(channels_last(x[:, :self.n])), self.net(channels_last(x[:, self.n:]))], 1)
+
 # %% ../nbs/03_diffusion.ipynb #27d4ea1d
 def _missing_msg(what:str, model:str, e:Exception)->str:
     return (f"{what} {model!r} is not available locally ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
@@ -223,6 +238,21 @@ def make_scheduler(num_train_timesteps:int=1000, # diffusion steps T
     b0, b1 = _BETAS[beta_schedule]
     return DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=b0, beta_end=b1,
                          prediction_type=prediction_type, clip_sample=clip_sample, set_alpha_to_one=True, steps_offset=1)
+
+# %% ../nbs/03_diffusion.ipynb #a64bc3cb
+def widen_unet_io(unet:nn.Module, # a diffusers UNet
+                  extra:int # channels to add to its input and output
+                 )->nn.Module:
+    "Add `extra` zero-initialised input and output channels to a UNet (its outputs are unchanged at first)."
+    ci, co = unet.conv_in, unet.conv_out; C = ci.in_channels
+    with torch.no_grad():
+        ni = nn.Conv2d(C + extra, ci.out_channels, ci.kernel_size, ci.stride, ci.padding).to(ci.weight)
+        ni.weight.zero_(); ni.weight[:, :C].copy_(ci.weight); ni.bias.copy_(ci.bias)
+        no = nn.Conv2d(co.in_channels, co.out_channels + extra, co.kernel_size, co.stride, co.padding).to(co.weight)
+        no.weight.zero_(); no.bias.zero_(); no.weight[:co.out_channels].copy_(co.weight); no.bias[:co.out_channels].copy_(co.bias)
+    unet.conv_in, unet.conv_out = ni, no
+    unet.register_to_config(in_channels=C + extra, out_channels=co.out_channels + extra)
+    return unet
 
 # %% ../nbs/03_diffusion.ipynb #073c33e6
 def _expand_cond(c, B:int, device=None):
@@ -681,10 +711,11 @@ def save(self:Backbone, path:str|Path # folder to write (created)
     return path
 
 # %% ../nbs/03_diffusion.ipynb #537a99c7
-def load_ae(name:str, # 'taef2' or an SD model id/path
+def load_ae(name:str, # 'taef2', 'taef2-dual' (image + mask, see `DualTinyAE`) or an SD model id/path
             device:str|torch.device='cpu' # device
            )->LatentAE:
     "A latent autoencoder by the name saved with trained models."
+    if name == 'taef2-dual': return LatentAE(DualTinyAE(load_taef2().ae), name='taef2-dual').to(get_device(device))
     return load_taef2(device=device) if name == 'taef2' else load_sd_vae(name, device=device)
 
 # %% ../nbs/03_diffusion.ipynb #11d53aff

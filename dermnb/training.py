@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from fastcore.basics import patch
 from accelerate import Accelerator
@@ -24,7 +24,7 @@ from diffusers.optimization import get_scheduler
 from .core import (Config, DermnbError, DataError, WeightsMissingError, TrainingDivergedError, atomic_save, save_json,
                          cached_dir, cache_root, get_device, seed_everything, CPU_BATCH)
 from .diffusion import (Backbone, make_unet, make_scheduler, load_ae, load_text_encoder, load_sd_pipeline,
-                              unet_eps, add_lora, save_lora, load_lora, LORA_FILE)
+                              unet_eps, add_lora, save_lora, load_lora, widen_unet_io, LORA_FILE)
 
 # %% auto #0
 __all__ = ['RESUME_FREE', 'LR_SCHEDULES', 'TrainConfig', 'check_config', 'build_backbone', 'save_checkpoint', 'load_checkpoint',
@@ -53,6 +53,8 @@ class TrainConfig(Config):
     base:str=''                    # fine-tune: '' (from scratch), a saved Backbone folder, or 'sd:<model id or path>'
     lora_rank:int=0                # >0: train only LoRA adapters of this rank on the UNet attention
     lora_alpha:float=0.            # LoRA alpha (0 = rank)
+    widen:int=0                    # extra zero-initialised input/output channels on the base UNet (SkinDualGen's mask latents)
+    loss:str='mse'                 # 'mse' (v/noise MSE), or the name (and settings) of a loss passed as `loss_fn`
     steps:int=1000                 # optimizer steps
     batch_size:int=16              # images per micro-batch, summed over processes (each takes batch_size / num_processes)
     grad_accum:int=1               # micro-batches per optimizer step
@@ -87,6 +89,7 @@ def check_config(cfg:TrainConfig # the config to validate
     need(cfg.cond != 'class' or cfg.num_classes > 0, "cond='class' needs num_classes > 0")
     need(cfg.mixed_precision in ('no', 'fp16', 'bf16'), f"mixed_precision must be 'no', 'fp16' or 'bf16'")
     need(cfg.lora_rank == 0 or cfg.base, "lora_rank > 0 needs a base model to adapt (base=...)")
+    need(cfg.widen == 0 or (cfg.base and cfg.space == 'latent'), "widen > 0 needs a latent base model to widen (base=...)")
     need(cfg.steps > 0 and cfg.batch_size > 0 and cfg.grad_accum > 0, "steps, batch_size and grad_accum must be positive")
     need(cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, not {cfg.lr_schedule!r}")
     if not cfg.base:
@@ -98,6 +101,15 @@ def check_config(cfg:TrainConfig # the config to validate
 # %% ../nbs/03a_training.ipynb #b07067ee
 @torch.no_grad()
 def _text_dim(te:Callable)->int: return te(['']).shape[-1]
+
+def _widen(bb:Backbone, cfg:TrainConfig, dev)->Backbone:
+    "Widen the base UNet by `cfg.widen` channels and give it the config's (wider) AE, keeping the base's latent scaling."
+    old = bb.ae; widen_unet_io(bb.unet, cfg.widen); bb.ae = load_ae(cfg.ae, dev)
+    if bb.ae.latent_channels != bb.unet.config.in_channels:
+        raise DermnbError(f"ae {cfg.ae!r} has {bb.ae.latent_channels} latent channels, the widened UNet takes {bb.unet.config.in_channels}")
+    C = old.latent_channels
+    with torch.no_grad(): bb.ae.shift[:C].copy_(old.shift); bb.ae.scale[:C].copy_(old.scale)
+    return bb
 
 def _load_base(base:str, device)->Backbone:
     if base.startswith('sd:'): return Backbone.from_pipeline(load_sd_pipeline(base[3:], device=device))
@@ -131,7 +143,13 @@ def build_backbone(cfg:TrainConfig, # the training config
                          cross_attention_dim=(getattr(te, 'dim', None) or _text_dim(te)) if te is not None else 384)
         sch = make_scheduler(cfg.num_train_timesteps, cfg.beta_schedule, cfg.prediction_type, clip_sample=cfg.space == 'pixel')
         bb = Backbone(unet.to(dev), sch, ae, te, cfg.num_classes, cfg.image_size)
-    if cfg.lora_rank: params = add_lora(bb.unet, cfg.lora_rank, cfg.lora_alpha or None)
+    if cfg.widen: _widen(bb, cfg, dev)
+    if cfg.lora_rank:
+        params = add_lora(bb.unet, cfg.lora_rank, cfg.lora_alpha or None)
+        if cfg.widen:                                # the widened convolutions train in full, next to the adapters
+            io = [p for m in (bb.unet.conv_in, bb.unet.conv_out) for p in m.parameters()]
+            for q in io: q.requires_grad_(True)
+            params += io
     else: params = [p for p in bb.unet.parameters() if p.requires_grad]
     bb.unet.train()
     return bb, params
@@ -201,7 +219,7 @@ def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)-
 def prepare_data(dataset, # torch Dataset of dicts with 'image' (3,S,S) in [-1,1], 'label', 'caption'
                  bb:Backbone, # the backbone (its AE encodes; its text encoder embeds captions)
                  cfg:TrainConfig, # the config (image size, flips, conditioning)
-                 fit_scaling:bool=True, # fit the AE's latent shift/scale on these images (models without a base)
+                 fit_scaling:bool|int=True, # fit the AE's latent shift/scale on these images; an int k fits channels k.. only
                  cache_key:dict|None=None, # keep the raw data in the dermnb cache under this key
                  cache_root:str|Path|None=None, # cache root override
                  chunk:int=64, # items encoded at once
@@ -219,9 +237,10 @@ def prepare_data(dataset, # torch Dataset of dicts with 'image' (3,S,S) in [-1,1
         T, _ = load_checkpoint(cached_dir('train-data', cache_key, build, root=cache_root)/'data.safetensors')
         d = TrainData(T['x'], T['labels'], T['caption_idx'], T.get('text_emb'))
     if bb.ae is not None:
-        if fit_scaling:
-            z = d.x[:, 0].transpose(0, 1).flatten(1)
-            bb.ae.shift.copy_(z.mean(1)); bb.ae.scale.copy_(z.std(1).clamp_min(1e-6))
+        if fit_scaling is not False:
+            k = 0 if fit_scaling is True else int(fit_scaling)
+            z = d.x[:, 0, k:].transpose(0, 1).flatten(1)
+            bb.ae.shift[k:].copy_(z.mean(1)); bb.ae.scale[k:].copy_(z.std(1).clamp_min(1e-6))
         d.x = (d.x - bb.ae.shift.cpu().view(1, 1, -1, 1, 1)) / bb.ae.scale.cpu().view(1, 1, -1, 1, 1)
     d.prep_s = time.time() - t0
     return d
@@ -399,7 +418,8 @@ def _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache,
     if not resume and acc.is_main_process: shutil.rmtree(out/'checkpoints', ignore_errors=True)
     key = data_cache_key(cfg) if data_cache and encode_text is None else None
     with acc.main_process_first():
-        data = prepare_data(dataset, bb, cfg, fit_scaling=not cfg.base and not saved, cache_key=key, cache_root=cache_root,
+        fit = False if saved else True if not cfg.base else (bb.unet.config.in_channels - cfg.widen) if cfg.widen else False
+        data = prepare_data(dataset, bb, cfg, fit_scaling=fit, cache_key=key, cache_root=cache_root,
                             progress=progress and acc.is_main_process)
     opt = make_optimizer(params, cfg)
     sched = get_scheduler(cfg.lr_schedule, opt, num_warmup_steps=cfg.warmup, num_training_steps=cfg.steps)
@@ -420,7 +440,7 @@ def _all_finite(acc:Accelerator, x:torch.Tensor)->bool:
     ok = torch.isfinite(x.detach()).all().float().view(1)
     return bool(acc.gather(ok).min() > 0) if acc.num_processes > 1 else bool(ok)
 
-def _opt_step(cfg, bb, model, st, data, acc, step)->float:
+def _opt_step(cfg, bb, model, st, data, acc, step, loss_fn=None)->float:
     "One optimizer step (all micro-batches, this process's share of each); returns the loss averaged over processes."
     B, A, P, r = cfg.batch_size, cfg.grad_accum, acc.num_processes, acc.process_index
     Bp = B // P
@@ -429,7 +449,7 @@ def _opt_step(cfg, bb, model, st, data, acc, step)->float:
     st.opt.zero_grad(set_to_none=True); total = torch.zeros((), device=acc.device)
     for m in range(A):
         with (acc.no_sync(model) if m < A - 1 else contextlib.nullcontext()):   # sync gradients once per step
-            loss = diffusion_loss(model, bb, cfg, b, slice(m * B + r * Bp, m * B + (r + 1) * Bp), acc) / A
+            loss = (loss_fn or diffusion_loss)(model, bb, cfg, b, slice(m * B + r * Bp, m * B + (r + 1) * Bp), acc) / A
             if not _all_finite(acc, loss):
                 raise TrainingDivergedError(f"loss became {loss.item()} at step {step + 1} (micro-batch {m}); lower lr "
                     f"(now {cfg.lr}), use mixed_precision='no', or check the data for NaNs. Nothing from this step was saved.")
@@ -452,7 +472,12 @@ def _save_model(cfg, bb, st, out, info=None):
     if st.ema is not None: st.ema.store(st.params); st.ema.copy_to(st.params)
     name = 'lora' if cfg.lora_rank else 'model'
     tmp = out/f'.{name}.tmp'; shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.lora_rank: save_lora(tmp, bb.unet)
+    if cfg.lora_rank:
+        save_lora(tmp, bb.unet)
+        if cfg.widen:                                   # the widened convolutions and the wider AE's scaling
+            save_file({f'{m}.{k}': v.detach().cpu().contiguous() for m in ('conv_in', 'conv_out') for k, v in getattr(bb.unet, m).state_dict().items()},
+                      str(tmp/'io.safetensors'))
+            save_json({'shift': bb.ae.shift.tolist(), 'scale': bb.ae.scale.tolist()}, tmp/'ae.json')
     else: bb.save(tmp)
     if info: save_json(info, tmp/'info.json')
     shutil.rmtree(out/name, ignore_errors=True); os.replace(tmp, out/name)
@@ -497,9 +522,12 @@ def train_diffusion(cfg:TrainConfig, # what to train
                     encode_text:Callable|None=None, # text encoder overriding cfg.text_encoder
                     data_cache:bool=False, # keep the materialised data in the cache (cfg.data must name it truthfully)
                     cache_root:str|Path|None=None, # cache root for `data_cache`
-                    progress:bool=True # tqdm bars (main process only)
+                    progress:bool=True, # tqdm bars (main process only)
+                    loss_fn:Callable|None=None # the loss `cfg.loss` names, with `diffusion_loss`'s signature (default: MSE)
                    )->dict:
     "Train a diffusion model as configured (one or several processes); returns the run summary (also train_state.json)."
+    if (cfg.loss == 'mse') != (loss_fn is None):
+        raise DermnbError(f"config loss={cfg.loss!r} " + ("needs its loss_fn" if loss_fn is None else "is the default MSE; name the loss in the config"))
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     S = _setup(cfg, dataset, out, device, resume, encode_text, progress, data_cache, cache_root)
     bb, model, st, data, acc, step, rows = S['bb'], S['model'], S['st'], S['data'], S['acc'], S['step'], S['rows']
@@ -511,7 +539,7 @@ def train_diffusion(cfg:TrainConfig, # what to train
     acc_loss, nacc, loss = 0., 0, None
     bb.unet.train()
     while step < last:
-        acc_loss += _opt_step(cfg, bb, model, st, data, acc, step); nacc += 1; step += 1
+        acc_loss += _opt_step(cfg, bb, model, st, data, acc, step, loss_fn); nacc += 1; step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
             loss = acc_loss / nacc
             rows.append({'step': step, 'loss': loss, 'lr': st.sched.get_last_lr()[0], 'elapsed_s': round(elapsed(), 3),
@@ -559,6 +587,12 @@ def load_trained(path:str|Path, # a run folder (train_diffusion's out_dir or a c
         cfg = TrainConfig.from_dict(json.loads((path/'train_state.json').read_text())['config'])
         bb = _load_base(cfg.base, get_device(device))
         if encode_text is not None: bb.text_encoder = encode_text
+        if cfg.widen:
+            _widen(bb, cfg, get_device(device))
+            io = load_file(str(path/'lora'/'io.safetensors'))
+            for m in ('conv_in', 'conv_out'): getattr(bb.unet, m).load_state_dict({k.split('.', 1)[1]: v for k, v in io.items() if k.startswith(m + '.')})
+            a = json.loads((path/'lora'/'ae.json').read_text())
+            with torch.no_grad(): bb.ae.shift.copy_(torch.tensor(a['shift'])); bb.ae.scale.copy_(torch.tensor(a['scale']))
         load_lora(bb.unet, path/'lora'); return bb
     raise WeightsMissingError(f"{path}: no trained model (model/backbone.json or lora/{LORA_FILE}); train it first")
 
@@ -569,13 +603,14 @@ def train_cached(cfg:TrainConfig, # what to train; `cfg.data` must name the data
                  root:str|Path|None=None, # cache root override
                  refresh:bool=False, # retrain even when cached
                  encode_text:Callable|None=None, # custom text encoder
-                 progress:bool=True # tqdm bars
+                 progress:bool=True, # tqdm bars
+                 loss_fn:Callable|None=None # the loss `cfg.loss` names (see `train_diffusion`)
                 )->Path:
     "Train (or fetch from the cache) the model for `cfg`; returns its cache folder (use `load_trained`)."
     final, work = cache_root(root)/'diffusion'/cfg.hash(), cache_root(root)/'diffusion-work'/cfg.hash()
     if final.exists() and not refresh: return final
     train_diffusion(cfg, dataset_fn(), work, device=device, resume=not refresh, encode_text=encode_text,
-                    data_cache=True, cache_root=root, progress=progress)    # every process of a distributed run trains
+                    data_cache=True, cache_root=root, progress=progress, loss_fn=loss_fn)    # every process of a distributed run trains
     state = PartialState()
     if state.is_main_process:                                                # one process publishes the entry
         def build(tmp:Path):

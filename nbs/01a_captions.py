@@ -248,7 +248,6 @@ v = caption_variants(r)
 test_eq(len(v), 4); test_eq(v[0], concept_caption(r)); test_eq(v[1], f'dermoscopy of {with_article(r.diagnosis_orig.lower())}')
 test_eq(caption_variants(r, variants=False), [concept_caption(r)])
 
-
 # %% [markdown]
 # ## Morphology measured from the image and its mask
 #
@@ -404,7 +403,6 @@ rho_c = spearmanr([x.concepts['crowd_asymmetry'] for x in isic_a], [m['asymmetry
 print(f"ISIC 2017 (n=60): measured asymmetry vs ENHANCE crowd asymmetry, Spearman {rho_c:.2f}"); assert rho_c > .2
 ang = np.arctan2(yy - 48, xx - 64); star = np.hypot(yy - 48, xx - 64) < 24 + 10 * np.cos(7 * ang)
 assert lesion_morphology(flat, star)['compactness'] > BORDER_BINS[1] > md['compactness']
-
 
 # %% [markdown]
 # ## Concept-rich captions with provenance (LesionGen)

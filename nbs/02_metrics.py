@@ -455,6 +455,7 @@ y = fid_preprocess(x)
 test_eq(y.shape, (2, 3, 299, 299))
 test_close(fid_preprocess(torch.ones(1, 3, 8, 8)).max(), 0.9921875); test_close(fid_preprocess(torch.zeros(1, 3, 8, 8)).min(), -1.0)
 
+
 # %% [markdown]
 # **Features.** `inception_features` runs batches of images (tensors or image files) through the network.
 # `dermnb.core.image_files` lists the images of a folder (not recursive), and `folder_features` caches the features of a list of

@@ -265,6 +265,42 @@ assert p64.mean() > 25
 
 
 # %% [markdown]
+# ### Image and mask in one latent
+#
+# SkinDualGen generates a lesion image *and* its mask. A binary mask rendered as a 3-channel image (2m − 1: white
+# lesion on black) survives the TAEF2 round trip almost exactly, so both can live in TAEF2's latent space side by side:
+# `DualTinyAE` encodes a 6-channel input (RGB, then the rendered mask) into 2 × 32 latent channels with the same
+# frozen TAEF2, and decodes them back. Wrapped in a `LatentAE` it gets its own scaling per latent channel, so the mask
+# half is normalised on mask latents, not on image latents.
+
+# %%
+#| export
+class DualTinyAE(nn.Module):
+    "Image (3 channels) + rendered mask (3 channels) <-> 2 x C latent channels with one frozen TAESD-family AE."
+    def __init__(self, ae:TinyAE # e.g. TAEF2 (`TinyAE.from_files`)
+                ):
+        super().__init__()
+        self.ae = ae.eval().requires_grad_(False)
+        self.latent_channels, self.factor, self.half = 2 * ae.latent_channels, ae.factor, ae.latent_channels
+        self.encoder = _Split(ae.encoder, 3); self.decoder = _Split(ae.decoder, ae.latent_channels)
+
+class _Split(nn.Module):
+    "Apply one network to both halves of the channels and concatenate the results."
+    def __init__(self, net, n): super().__init__(); self.net, self.n = net, n
+    def forward(self, x): return torch.cat([self.net(channels_last(x[:, :self.n])), self.net(channels_last(x[:, self.n:]))], 1)
+
+
+# %%
+x6 = torch.cat([real_images(2, 64), (torch.rand(2, 1, 64, 64) > .5).float().repeat(1, 3, 1, 1) * 2 - 1], 1)
+dual = LatentAE(DualTinyAE(load_taef2().ae), name='taef2-dual')
+with torch.no_grad(): zd = dual.encode(x6); yd = dual.decode(zd)
+test_eq((dual.latent_channels, zd.shape), (64, (2, 64, 8, 8)))
+with torch.no_grad(): test_close(zd[:, :32], taef2.encode(x6[:, :3]), eps=1e-5)      # the image half is TAEF2's latent
+test_eq(yd.shape, (2, 6, 64, 64))
+
+
+# %%
+# %% [markdown]
 # The full profile uses Stable Diffusion's VAE, loaded by model id or path. A missing model is a
 # `WeightsMissingError` naming what to download. (A tiny `AutoencoderKL` built from a config stands in for it in tests.)
 
@@ -368,6 +404,40 @@ test_eq(ut(x8, 5, encoder_hidden_states=torch.randn(2, 7, 12)).sample.shape, x8.
 test_fail(lambda: make_unet('class'), contains='num_classes')
 sch = make_scheduler()
 s10 = make_scheduler(); s10.set_timesteps(10); test_eq(s10.timesteps[-1].item(), 1)   # steps_offset=1
+
+
+# %% [markdown]
+# A pretrained UNet can take more channels than it was trained on (SkinDualGen's mask latents next to the image
+# latents): `widen_unet_io` replaces `conv_in` and `conv_out` by wider convolutions whose old part is copied and whose
+# new weights are zero, so the widened UNet's image output is exactly the pretrained one at step 0, and the extra
+# output channels start at 0. The config is updated, so `save_pretrained` / `from_pretrained` rebuild the wide model.
+
+# %%
+#| export
+def widen_unet_io(unet:nn.Module, # a diffusers UNet
+                  extra:int # channels to add to its input and output
+                 )->nn.Module:
+    "Add `extra` zero-initialised input and output channels to a UNet (its outputs are unchanged at first)."
+    ci, co = unet.conv_in, unet.conv_out; C = ci.in_channels
+    with torch.no_grad():
+        ni = nn.Conv2d(C + extra, ci.out_channels, ci.kernel_size, ci.stride, ci.padding).to(ci.weight)
+        ni.weight.zero_(); ni.weight[:, :C].copy_(ci.weight); ni.bias.copy_(ci.bias)
+        no = nn.Conv2d(co.in_channels, co.out_channels + extra, co.kernel_size, co.stride, co.padding).to(co.weight)
+        no.weight.zero_(); no.bias.zero_(); no.weight[:co.out_channels].copy_(co.weight); no.bias[:co.out_channels].copy_(co.bias)
+    unet.conv_in, unet.conv_out = ni, no
+    unet.register_to_config(in_channels=C + extra, out_channels=co.out_channels + extra)
+    return unet
+
+
+# %%
+uw = copy.deepcopy(ut); widen_unet_io(uw, 5)
+xw, ew = torch.randn(2, 8, 8, 8), torch.randn(2, 7, 12)
+with torch.no_grad():
+    ow = uw(xw, 5, encoder_hidden_states=ew).sample; o0 = ut(xw[:, :3], 5, encoder_hidden_states=ew).sample
+test_close(ow[:, :3], o0, eps=1e-5); test_eq(ow[:, 3:].abs().max().item(), 0.)         # pretrained output kept, new ones 0
+test_eq((uw.config.in_channels, uw.config.out_channels), (8, 8))
+with tempfile.TemporaryDirectory() as d:
+    uw.save_pretrained(d); test_eq(UNet2DConditionModel.from_pretrained(d).conv_in.in_channels, 8)
 
 
 # %% [markdown]
@@ -1214,10 +1284,11 @@ def save(self:Backbone, path:str|Path # folder to write (created)
 
 # %%
 #| export
-def load_ae(name:str, # 'taef2' or an SD model id/path
+def load_ae(name:str, # 'taef2', 'taef2-dual' (image + mask, see `DualTinyAE`) or an SD model id/path
             device:str|torch.device='cpu' # device
            )->LatentAE:
     "A latent autoencoder by the name saved with trained models."
+    if name == 'taef2-dual': return LatentAE(DualTinyAE(load_taef2().ae), name='taef2-dual').to(get_device(device))
     return load_taef2(device=device) if name == 'taef2' else load_sd_vae(name, device=device)
 
 

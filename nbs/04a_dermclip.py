@@ -291,6 +291,7 @@ class DermCLIPConfig(Config):
     pretrained:bool=True         # towers from ImageNet / MiniLM weights; False = random init (baseline)
     views:int=2                  # dihedral views (flips/90° rotations) of each training image, precomputed
     caption_variants:bool=True   # also train on the diagnosis-only / +concepts / +metadata captions
+    captions:str='concept'       # caption source: 'concept' (`dermnb.captions`), or the name of a caption table passed in
     epochs:int=20                # passes over the training images
     batch_size:int=256           # images per step (duplicate captions in a batch are dropped)
     lr:float=1e-3                # AdamW learning rate of the projections
@@ -433,16 +434,41 @@ def precompute_stems(model:DermCLIP, # model whose frozen image layers run
     return torch.cat(out)
 
 
+# %% [markdown]
+# Stems depend only on the images, the frozen layers and the views, not on the captions or the trainable top, so two
+# DermCLIPs that differ in their captions (LesionGen's concept-rich DermCLIP and the default one) share them:
+# `cached_stems` keeps them in the cache, keyed by the file list and the settings they depend on (pretrained towers
+# only: a random tower's frozen part is calibrated per model).
+
+# %%
+#| export
+def cached_stems(model:DermCLIP, # model whose frozen image layers run
+                 records:Sequence[Record], # images to encode
+                 cfg:DermCLIPConfig, # image size, fit, views, seed, unlocked layers
+                 log:Callable|None=None # progress callback(str)
+                )->torch.Tensor:
+    "`precompute_stems`, cached for pretrained towers by (files, size, fit, views, seed, unlocked layers)."
+    if not cfg.pretrained: return precompute_stems(model, records, cfg, log=log)
+    key = {'files': [[str(r.image), r.image.stat().st_size, r.image.stat().st_mtime_ns] for r in records],
+           **{k: getattr(cfg, k) for k in ('image_size', 'fit', 'views', 'seed', 'unlocked_layers')}, 'tower': 'lite0-imagenet'}
+    d = cached_dir('dermclip-stems', key, lambda d: torch.save(precompute_stems(model, records, cfg, log=log), d/'stems.pt'))
+    return torch.load(d/'stems.pt')
+
+
 # %%
 #| export
 @torch.no_grad()
 def caption_bank(model:DermCLIP, # model whose locked text transformer runs
                  records:Sequence[Record], # records to caption
                  cfg:DermCLIPConfig, # context length, caption variants
-                 batch_size:int=128 # captions per forward pass
+                 batch_size:int=128, # captions per forward pass
+                 captions:dict|None=None # record id -> up to 4 captions (full first), replacing `caption_variants`
                 )->tuple:
     "Distinct captions, their pooled MiniLM features (U, 384), and each record's caption indices (N, 4)."
-    per = [caption_variants(r, cfg.caption_variants) for r in records]
+    if captions is not None:
+        missing = [r.id for r in records if r.id not in captions]
+        if missing: raise DataError(f"caption table {cfg.captions!r} has no caption for {len(missing)} records (e.g. {missing[:3]})")
+    per = [list(captions[r.id])[:4] if captions is not None else caption_variants(r, cfg.caption_variants) for r in records]
     texts = sorted({c for cs in per for c in cs}); pos = {t: i for i, t in enumerate(texts)}
     tok, dev = minilm_tokenizer(cfg.context_length), model.logit_scale.device
     feats = torch.cat([model.text.pooled(tok(texts[i:i + batch_size]).to(dev)).cpu() for i in range(0, len(texts), batch_size)])
@@ -460,6 +486,9 @@ with torch.no_grad():                                  # view 0 is the stem of t
 texts, feats, idx = caption_bank(m0, tr[:8], tiny_cfg)
 test_eq(feats.shape, (len(texts), 384)); test_eq(idx.shape, (8, 4)); test_eq(texts[idx[3, 0]], concept_caption(tr[3]))
 test_eq(texts[idx[3, 1]], concept_caption(tr[3], False, False))
+t2_, _, i2_ = caption_bank(m0, tr[:2], tiny_cfg.replace(captions='mine'), captions={x.id: [f'cap {x.id}', 'short'] for x in tr[:2]})
+test_eq([t2_[i] for i in i2_[0]], [f'cap {tr[0].id}', 'short', f'cap {tr[0].id}', f'cap {tr[0].id}'])
+test_fail(lambda: caption_bank(m0, tr[:2], tiny_cfg, captions={}), contains='no caption for 2 records')
 
 
 # %% [markdown]
@@ -611,15 +640,19 @@ def untrained_dermclip(cfg:DermCLIPConfig, # the config (pretrained or random to
 def train_dermclip(cfg:DermCLIPConfig, # what to train
                    root:str|Path|None=None, # data root
                    device:str|torch.device='cpu', # device to train on
-                   log:Callable|None=print # progress callback(str)
+                   log:Callable|None=print, # progress callback(str)
+                   captions:dict|None=None # the caption table named by `cfg.captions` (record id -> captions), if not 'concept'
                   )->tuple:
     "Build (calibrating random towers' BatchNorm), precompute and train a DermCLIP; returns (model, info) with history and timings."
     t0, c0 = time.time(), time.process_time()
     recs = dermclip_records(cfg, 'train', root)
     if not recs: raise DataError(f"No labelled training records in {cfg.datasets} under {data_root(root)}")
     model = untrained_dermclip(cfg, recs, device)
-    stems = precompute_stems(model, recs, cfg, log=log); t1 = time.time()
-    texts, feats, idx = caption_bank(model, recs, cfg); t2 = time.time()
+    stems = cached_stems(model, recs, cfg, log=log); t1 = time.time()
+    if (cfg.captions == 'concept') != (captions is None):
+        raise DermnbError(f"DermCLIP config captions={cfg.captions!r} " + ("needs its caption table (captions=...)" if captions is None
+                          else "takes no caption table; name the table in the config's captions field"))
+    texts, feats, idx = caption_bank(model, recs, cfg, captions=captions); t2 = time.time()
     hist = fit_dermclip(model, stems, feats, idx, cfg, log=log); t3 = time.time()
     info = {'n_train': len(recs), 'n_captions': len(texts), 'per_source': dict(Counter(r.source for r in recs)),
             'seconds': {'stems': t1 - t0, 'captions': t2 - t1, 'train': t3 - t2, 'total': t3 - t0},
@@ -637,14 +670,15 @@ def load_dermclip(cfg:DermCLIPConfig|None=None, # config; default the profile's
                   train:bool=True, # train on a cache miss (else raise WeightsMissingError)
                   refresh:bool=False, # retrain even when cached
                   cache:str|Path|None=None, # cache root override
-                  log:Callable|None=print # progress callback(str)
+                  log:Callable|None=print, # progress callback(str)
+                  captions:dict|None=None # the caption table `cfg.captions` names (record id -> captions), for training
                  )->ClipEncoder:
     "The trained DermCLIP of a config as a `ClipEncoder`, from the cache or trained on a miss."
     cfg = cfg or dermclip_config(profile)
     def build(d:Path):
         if not train: raise WeightsMissingError(f"No trained DermCLIP for config {cfg.hash()} in the cache; "
                                                 "call load_dermclip(train=True) (minutes on a CPU in the quick profile)")
-        model, info = train_dermclip(cfg, root, device, log)
+        model, info = train_dermclip(cfg, root, device, log, captions)
         atomic_save(d/'dermclip.pt', lambda t: torch.save(trained_state(model, cfg), t)); save_json(info, d/'train_info.json')
     path = cached_dir('dermclip', cfg, build, root=cache, refresh=refresh)
     model = load_trained_state(build_dermclip(cfg), torch.load(path/'dermclip.pt', map_location='cpu', weights_only=True))
