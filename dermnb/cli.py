@@ -140,10 +140,19 @@ def cmd_train_base(args # parsed arguments: profile, root, seed, device, refresh
 # %% ../nbs/11_cli.ipynb #f13a5720
 def cmd_generate(args # parsed arguments: method, prompt, n, out, seed, guidance, steps, captions, profile, root, device
                 )->int:
-    "Sample a model (the base model, or LesionGen trained and cached on first use) into a folder of PNGs."
+    "Sample a model into a folder: the base model, LesionGen (images) or SkinDualGen (image + mask pairs), trained on first use."
     from dermnb.core import save_image
     if args.n <= 0: raise DermnbError(f"--n must be a positive number of images, not {args.n}")
     out = Path(args.out); out.mkdir(parents=True, exist_ok=True)
+    if args.method == 'skindualgen':
+        from dermnb.skindualgen import load_skindualgen, generate_skindualgen
+        if args.prompt is None: raise DermnbError("--method skindualgen needs --prompt, e.g. --prompt 'dermoscopy of a melanoma'")
+        print('loading SkinDualGen (trained and cached on first use) ...', file=sys.stderr)
+        flags = generate_skindualgen(load_skindualgen(args.profile, root=args.root, device=args.device), args.prompt, args.n, out,
+                                     args.seed, args.guidance, args.steps)
+        bad = flags[flags.flag.fillna('') != '']
+        print(f'generate: {len(flags)} image/mask pairs written to {out} ({len(bad)} flagged in flags.csv: empty or full masks)')
+        return 0
     if args.method == 'lesiongen':
         from dermnb.lesiongen import load_lesiongen, generate_lesiongen
         if args.prompt is None: raise DermnbError("--method lesiongen needs --prompt, e.g. --prompt 'dermoscopy of a melanoma with streaks'")
@@ -239,8 +248,8 @@ def build_parser()->argparse.ArgumentParser:
     t.add_argument('--device', default='auto'); t.add_argument('--refresh', action='store_true', help='retrain even if cached')
     t.set_defaults(fn=cmd_train_base)
     gen = sub.add_parser('generate', help='sample a model into a folder of PNGs')
-    gen.add_argument('--method', choices=['base', 'lesiongen'], default='base'); gen.add_argument('--n', type=int, required=True)
-    gen.add_argument('--prompt', help='text prompt (lesiongen: required; base: default unconditional)')
+    gen.add_argument('--method', choices=['base', 'lesiongen', 'skindualgen'], default='base'); gen.add_argument('--n', type=int, required=True)
+    gen.add_argument('--prompt', help='text prompt (lesiongen, skindualgen: required; base: default unconditional)')
     gen.add_argument('--guidance', type=float, default=4., help='classifier-free guidance (default 4)')
     gen.add_argument('--steps', type=int, default=20, help='DDIM steps (default 20)')
     gen.add_argument('--captions', choices=['rich', 'label'], default='rich', help="lesiongen: which LoRA of the ablation")
