@@ -200,7 +200,7 @@ def directional_clip_loss(clip:ClipEncoder, # the CLIP (its weights are not upda
                           edited:torch.Tensor, # (B,3,H,W) in [-1,1], the edited images (gradients flow here)
                           source:str|None=None, # source description (with `target`), e.g. 'a nevus'
                           target:str|None=None, # target description, e.g. 'a melanoma'
-                          text_dir:torch.Tensor|None=None, # precomputed `text_direction` (D,), instead of source/target
+                          text_dir:torch.Tensor|None=None, # precomputed `text_direction` (D,), or one per image (B, D)
                           mask:torch.Tensor|None=None, # (B,1,H,W) lesion mask in [0,1]; changes outside it are ignored
                           templates:Sequence[str]|None=EDIT_TEMPLATES # prompt templates for the text direction
                          )->torch.Tensor:
@@ -211,4 +211,5 @@ def directional_clip_loss(clip:ClipEncoder, # the CLIP (its weights are not upda
     if mask is not None: edited = original * (1 - mask) + edited * mask
     with torch.no_grad(): e0 = clip.encode_image(original)
     di = clip.encode_image(edited) - e0
-    return (1 - F.cosine_similarity(di, text_dir.to(di.device)[None], dim=-1)).mean()
+    td = text_dir.to(di.device)
+    return (1 - F.cosine_similarity(di, td[None] if td.ndim == 1 else td, dim=-1)).mean()
