@@ -10,7 +10,8 @@ from .core import DermnbError, PROFILES
 
 # %% auto #0
 __all__ = ['cmd_data_summary', 'cmd_data_download', 'cmd_data_add', 'cmd_data_check', 'cmd_figures', 'cmd_eval_seg',
-           'cmd_eval_fid', 'cmd_segment', 'cmd_train_base', 'cmd_generate', 'cmd_caption', 'build_parser', 'main']
+           'cmd_eval_fid', 'cmd_segment', 'cmd_train_base', 'cmd_generate', 'cmd_edit', 'cmd_eval_edit', 'cmd_caption',
+           'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #1be7f98f
 def _fmt_counts(d:dict, # {value: count} or {value: {k: v}}
@@ -168,6 +169,27 @@ def cmd_generate(args # parsed arguments: method, prompt, n, out, seed, guidance
     print(f'generate: {len(x)} images written to {out}')
     return 0
 
+# %% ../nbs/11_cli.ipynb #09e6442a
+def cmd_edit(args # parsed arguments: images, masks, attribute, direction, method, out, mask_method, profile, root, device, seed
+            )->int:
+    "Edit a folder of images (CPDE or a baseline)."
+    from dermnb.cpde import edit_folder, Edit
+    Edit(args.attribute, args.direction)                      # an unknown attribute fails before any model loads
+    print(f'loading the {args.method} editor (trained and cached on first use) ...', file=sys.stderr)
+    files = edit_folder(args.images, args.out, args.attribute, args.direction, args.method, args.masks, args.mask_method,
+                        args.profile, args.root, args.device, args.seed)
+    print(f'edit: {len(files)} edited images written to {args.out}')
+    return 0
+
+# %% ../nbs/11_cli.ipynb #5e740fd8
+def cmd_eval_edit(args # parsed arguments: orig, edited, masks, attribute, direction, json, profile, root, device
+                 )->int:
+    "FID, S_dir and NS-LPIPS of edited images against their originals."
+    from dermnb.cpde import eval_edit_folders
+    _print_result(eval_edit_folders(args.orig, args.edited, args.masks, args.attribute, args.direction, profile=args.profile,
+                                    root=args.root, device=args.device), args.json)
+    return 0
+
 # %% ../nbs/11_cli.ipynb #5f388b68
 def cmd_caption(args # parsed arguments: dataset, out, root, device
                )->int:
@@ -229,6 +251,12 @@ def build_parser()->argparse.ArgumentParser:
     e.add_argument('--pred', required=True, help='folder of predicted masks'); e.add_argument('--gt', required=True, help='folder of ground-truth masks')
     e.add_argument('--csv', help='also write the per-image table here'); e.add_argument('--json', action='store_true')
     e.set_defaults(fn=cmd_eval_seg)
+    e = ev.add_parser('edit', help='fid, s_dir, ns_lpips of edited images against their originals')
+    e.add_argument('--orig', required=True); e.add_argument('--edited', required=True); e.add_argument('--masks', required=True)
+    e.add_argument('--attribute', required=True); e.add_argument('--direction', choices=['add', 'remove'], required=True)
+    e.add_argument('--json', action='store_true'); e.add_argument('--profile', choices=sorted(PROFILES), default='quick')
+    e.add_argument('--root'); e.add_argument('--device', default='auto')
+    e.set_defaults(fn=cmd_eval_edit)
     e = ev.add_parser('fid', help='FID and KID (standard Inception) between two image folders')
     e.add_argument('dir_a'); e.add_argument('dir_b'); e.add_argument('--device', default='auto'); e.add_argument('--json', action='store_true')
     e.set_defaults(fn=cmd_eval_fid)
@@ -256,6 +284,15 @@ def build_parser()->argparse.ArgumentParser:
     gen.add_argument('--out', required=True); gen.add_argument('--seed', type=int, default=0)
     gen.add_argument('--profile', choices=sorted(PROFILES), default='quick'); gen.add_argument('--root'); gen.add_argument('--device', default='auto')
     gen.set_defaults(fn=cmd_generate)
+    ed = sub.add_parser('edit', help='edit dermoscopic attributes of a folder of images (CPDE or a baseline)')
+    ed.add_argument('--images', required=True); ed.add_argument('--masks', help='<stem>_segmentation.png masks (default: segment)')
+    ed.add_argument('--attribute', required=True, help='streaks, blue_whitish_veil, pigment_network, dots_and_globules, regression_structures')
+    ed.add_argument('--direction', choices=['add', 'remove'], required=True)
+    ed.add_argument('--method', choices=['cpde', 'asyrp', 'masking', 'sct', 'diffusionclip'], default='cpde')
+    ed.add_argument('--mask-method', dest='mask_method', choices=['diffseg-distilled', 'unet'], default='diffseg-distilled')
+    ed.add_argument('--out', required=True); ed.add_argument('--profile', choices=sorted(PROFILES), default='quick')
+    ed.add_argument('--root'); ed.add_argument('--device', default='auto'); ed.add_argument('--seed', type=int, default=0)
+    ed.set_defaults(fn=cmd_edit)
     c = sub.add_parser('caption', help='concept-rich captions with provenance, as JSONL')
     c.add_argument('--dataset', required=True, help="isic2018_task1, isic2019, ph2, derm7pt (comma-separated) or 'all'")
     c.add_argument('--out', required=True, help='output .jsonl'); c.add_argument('--root'); c.add_argument('--device', default='auto')

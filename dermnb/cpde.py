@@ -26,10 +26,12 @@ from .lesiongen import CONCEPTS
 
 # %% auto #0
 __all__ = ['ATTRIBUTES', 'DIRECTIONS', 'PLAIN', 'ALL_EDITS', 'X0_FRACTION', 'XT_FRACTION', 'METHODS', 'DCLIP_RANK', 'DCLIP_T0',
-           'Edit', 'segment_masks', 'EditSet', 'edit_set', 'asym_ddim', 'Inversion', 'invert', 'cached_inversion',
-           'lpips_curves', 'choose_t', 'unet_temb', 'DeltaBlock', 'DeltaBlocks', 'FiLMResBlock', 'SCT',
-           'edit_conditions', 'EditorConfig', 'source_pairs', 'make_editor', 'train_editor', 'apply_editor',
-           'train_diffusionclip', 'apply_diffusionclip']
+           'PAPER', 'METHOD_NAMES', 'EDIT_DATASETS', 'MASK_WARN', 'Edit', 'segment_masks', 'EditSet', 'edit_set',
+           'asym_ddim', 'Inversion', 'invert', 'cached_inversion', 'lpips_curves', 'choose_t', 'unet_temb',
+           'DeltaBlock', 'DeltaBlocks', 'FiLMResBlock', 'SCT', 'edit_conditions', 'EditorConfig', 'source_pairs',
+           'make_editor', 'train_editor', 'apply_editor', 'train_diffusionclip', 'apply_diffusionclip',
+           'diagnosis_head', 'edit_metrics', 'comparison', 'counterfactual_augmentation', 'cpde_images',
+           'edit_schedule', 'load_editor', 'load_diffusionclip', 'folder_edit_set', 'edit_folder', 'eval_edit_folders']
 
 # %% ../nbs/08_cpde.ipynb #ac3fc296
 ATTRIBUTES = {'streaks': 'streaks', 'blue_whitish_veil': 'blue_whitish_veil', 'pigment_network': 'atypical_pigment_network',
@@ -389,7 +391,8 @@ def train_editor(bb:Backbone, # the (frozen) backbone
                  inv:Inversion, # their cached inversions
                  clip:ClipEncoder, # the loss CLIP (frozen)
                  cfg:EditorConfig, # method, schedule, optimisation
-                 progress:bool=True # a progress bar
+                 progress:bool=True, # a progress bar
+                 pairs:list|None=None # (image index, edit index) pairs; default `source_pairs` of `es`
                 )->tuple:
     "Train a Δh module by rolling out batches of (image, edit) pairs; returns (editor, per-step history)."
     edits = [Edit(*e) for e in cfg.edits]; conds = edit_conditions(clip, edits)
@@ -398,7 +401,8 @@ def train_editor(bb:Backbone, # the (frozen) backbone
                          conds['semantics'].shape[1]).to(bb.device)
     opt = torch.optim.Adam(editor.parameters(), cfg.lr)
     sch = DDIMScheduler.from_config(bb.scheduler.config); sch.set_timesteps(cfg.steps)
-    pairs = source_pairs(es, edits, cfg.pairs_per_edit, cfg.seed); lm = es.latent_masks(bb.ae.factor if bb.ae else 1)
+    pairs = pairs if pairs is not None else source_pairs(es, edits, cfg.pairs_per_edit, cfg.seed)
+    lm = es.latent_masks(bb.ae.factor if bb.ae else 1)
     hist, null = [], None
     bar = tqdm(total=cfg.epochs * math.ceil(len(pairs) / cfg.batch_size), desc=f'train {cfg.method}', disable=not progress, leave=False)
     for ep in range(cfg.epochs):
@@ -483,3 +487,260 @@ def apply_diffusionclip(bb:Backbone, # the backbone
     "Images (N, 3, S, S) edited by a DiffusionCLIP-style model: deterministic DDIM from the inversion at t0."
     return torch.cat([bb.decode(asym_ddim(bb, inv.traj[k0][i:i + batch_size], inv.steps, unet=unet, start=k0)).cpu()
                       for i in range(0, inv.traj.shape[1], batch_size)])
+
+# %% ../nbs/08_cpde.ipynb #4f5941df
+PAPER = pd.DataFrame({'method': ['Asyrp', 'DiffusionCLIP', 'w/ Masking', 'w/ SCT', 'CPDE'], 'fid': [.482, 1.761, .372, .391, .274],
+                      's_dir': [.452, .413, .461, .477, .486], 'ns_lpips': [.151, .247, .022, .163, .012]})
+METHOD_NAMES = {'asyrp': 'Asyrp', 'diffusionclip': 'DiffusionCLIP', 'masking': 'w/ Masking', 'sct': 'w/ SCT', 'cpde': 'CPDE'}
+
+# %% ../nbs/08_cpde.ipynb #4460bd81
+def diagnosis_head(root:str|Path|None=None, # data root
+                   seed:int=0 # solver seed
+                  ):
+    "A melanoma / nevus / other classifier on frozen Lite0 features of the Derm7pt + PH2 training images (diagnostic consistency)."
+    from dermnb.lesiongen import record_features, fit_linear_head
+    recs = [r for ds in ('derm7pt', 'ph2') for r in get_split(ds, 'train', root) if r.diagnosis]
+    y = np.array([{'melanoma': 0, 'nevus': 1}.get(r.diagnosis, 2) for r in recs])
+    return fit_linear_head(record_features(recs).numpy(), y, seed)
+
+# %% ../nbs/08_cpde.ipynb #cdba0452
+@torch.no_grad()
+def edit_metrics(orig:torch.Tensor, # originals (N, 3, S, S) in [-1, 1]
+                 edited:torch.Tensor, # edited images, same shape
+                 masks:torch.Tensor, # lesion masks (N, 1, S, S)
+                 edits:Sequence[Edit], # the edit of each image
+                 clip:ClipEncoder, # the S_dir CLIP
+                 judge, # the concept classifier (`dermnb.lesiongen.load_concept_classifier`)
+                 dx_head, # `diagnosis_head`
+                 unet_seg, # the U-Net (`dermnb.segmenter.load_segmenter`)
+                 device:str='auto' # LPIPS device
+                )->pd.DataFrame:
+    "Per edited image: S_dir, NS-LPIPS, U-Net Dice vs the original mask, diagnosis kept, target detected before / after."
+    from dermnb.lesiongen import lite0_features
+    from dermnb.segmenter import predict_proba
+    src = [e.texts[0] for e in edits]; trg = [e.texts[1] for e in edits]
+    sdir = clip_direction_similarity(clip, orig, edited, src, trg).cpu().numpy()
+    nsl = ns_lpips((orig + 1) / 2, ((edited + 1) / 2).clamp(0, 1), masks[:, 0], device=device).numpy()
+    segd = [seg_metrics(p > .5, m[0].numpy() > .5)['dice'] for p, m in zip(predict_proba(unet_seg, [tensor_to_image(x) for x in edited]), masks)]
+    fo, fe = lite0_features(orig).numpy(), lite0_features(edited).numpy()
+    dx_kept = dx_head.predict(fo) == dx_head.predict(fe)
+    po, pe = judge.predict_features(fo), judge.predict_features(fe)
+    det = lambda P, e: bool(P[e.concept] >= judge.thresholds[e.concept]['decision'])
+    return pd.DataFrame([{'edit': e.name, 'attribute': e.attribute, 'direction': e.direction, 's_dir': float(sdir[i]),
+                          'ns_lpips': float(nsl[i]), 'seg_dice': float(segd[i]), 'dx_kept': bool(dx_kept[i]),
+                          'detected_before': det(po.iloc[i], e), 'detected_after': det(pe.iloc[i], e)} for i, e in enumerate(edits)])
+
+# %% ../nbs/08_cpde.ipynb #da1b8435
+def comparison(per_image:pd.DataFrame, # `edit_metrics` rows with a 'method' column
+               fids:dict, # method -> {'fid', 'kid', 'n', ...} of its edited set against the originals
+               mask_source:str # where the masks came from (stated in the table)
+              )->pd.DataFrame:
+    "Per method: FID, S_dir, NS-LPIPS (the paper's table), with consistency, confirmation and n; paper numbers beside."
+    g = per_image.groupby('method', sort=False)
+    t = g[['s_dir', 'ns_lpips', 'seg_dice']].mean()
+    t['dx_consistency'] = g.dx_kept.mean(); t['n'] = g.size()
+    add = per_image[per_image.direction == 'add'].groupby('method', sort=False)
+    rem = per_image[per_image.direction == 'remove'].groupby('method', sort=False)
+    t['add_detected_before'], t['add_detected_after'] = add.detected_before.mean(), add.detected_after.mean()
+    t['remove_detected_before'], t['remove_detected_after'] = rem.detected_before.mean(), rem.detected_after.mean()
+    t['fid'] = pd.Series({m: fids[m]['fid'] for m in t.index}); t['kid'] = pd.Series({m: fids[m]['kid'] for m in t.index})
+    t = t.reset_index(); t['method'] = t.method.map(lambda m: METHOD_NAMES.get(m, m)); t['masks'] = mask_source
+    return t.merge(PAPER.rename(columns={'fid': 'paper_fid', 's_dir': 'paper_s_dir', 'ns_lpips': 'paper_ns_lpips'}), on='method', how='left')
+
+# %% ../nbs/08_cpde.ipynb #5e22bbf8
+def counterfactual_augmentation(real_X:np.ndarray, # Lite0 features of the real training images
+                                real_y:np.ndarray, # the attribute's labels (0/1)
+                                cf_X:np.ndarray, # features of counterfactuals
+                                cf_y:np.ndarray, # their labels (1 for added, 0 for removed)
+                                test_X:np.ndarray, # test features
+                                test_y:np.ndarray, # test labels
+                                seed:int=0 # solver seed
+                               )->dict:
+    "Recall and balanced accuracy of an attribute detector trained without and with counterfactuals."
+    from dermnb.lesiongen import fit_linear_head
+    out = {}
+    for arm, (X, y) in (('real only', (real_X, real_y)), ('real + counterfactuals', (np.concatenate([real_X, cf_X]), np.concatenate([real_y, cf_y])))):
+        p = fit_linear_head(X, y, seed, C=0.01).predict(test_X)
+        out[arm] = {'recall': float((p[test_y == 1] == 1).mean()), 'balanced_accuracy': float(((p[test_y == 1] == 1).mean() + (p[test_y == 0] == 0).mean()) / 2)}
+    return out
+
+# %% ../nbs/08_cpde.ipynb #810d1060
+EDIT_DATASETS = ('ph2', 'derm7pt')
+
+def cpde_images(split:str='train', # 'train' or 'test'
+                mask_method:str='unet', # segmenter for images without a ground-truth mask (Derm7pt)
+                profile:str='quick', # segmenter profile
+                root:str|Path|None=None, # data root
+                device:str='auto' # device
+               )->EditSet:
+    "The editing images of a split (PH2 + Derm7pt) with masks and expert concept labels."
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        recs = [r for ds in EDIT_DATASETS for r in get_split(ds, split, root)]
+    return edit_set(recs, get_profile(profile).image_size, mask_method, profile, root, device)
+
+# %% ../nbs/08_cpde.ipynb #875e941c
+def _pairs_subset(es:EditSet, cfg:EditorConfig)->tuple:
+    "The training pairs of a config, and the sub-EditSet of the images they use (pair indices remapped)."
+    pairs = source_pairs(es, [Edit(*e) for e in cfg.edits], cfg.pairs_per_edit, cfg.seed)
+    used = sorted({i for i, _ in pairs}); pos = {i: k for k, i in enumerate(used)}
+    return es.subset(used), [(pos[i], e) for i, e in pairs]
+
+def edit_schedule(bb:Backbone, # the backbone
+                  es:EditSet, # training images
+                  clip:ClipEncoder, # the loss CLIP (text cosines)
+                  steps:int=20, # DDIM steps
+                  n:int=24 # images for the LPIPS curves
+                 )->dict:
+    "t_edit / t_addnoise by Asyrp's rule on this backbone, at the edits' mean text cosine; with the curves."
+    sub = es.subset(range(min(n, len(es)))); inv = cached_inversion(bb, sub, steps)
+    curves = lpips_curves(bb, sub, inv); cos = float(edit_conditions(clip, list(ALL_EDITS))['cos'].mean())
+    return {**choose_t(curves, cos), 'cos': cos, 'curves': curves}
+
+# %% ../nbs/08_cpde.ipynb #d53ac193
+def load_editor(method:str='cpde', # one of METHODS
+                profile:str='quick', # run profile
+                root:str|Path|None=None, # data root
+                device:str='auto', # device
+                mask_method:str='unet', # masks of Derm7pt
+                progress:bool=True, # progress bars
+                **kw # EditorConfig overrides (pairs_per_edit, lr, ...)
+               )->tuple:
+    "(editor, config, conditions, backbone, clip): a trained h-space editor, trained and cached on a miss."
+    from dermnb.base import load_base_model, base_config
+    from dermnb.lesiongen import load_concept_dermclip
+    if method not in METHODS: raise DermnbError(f"unknown method {method!r}; choose from {METHODS} (or 'diffusionclip')")
+    bb = load_base_model(profile, root, device=device, progress=progress); bb.cache_dir = Path(base_config(profile).hash())
+    clip = load_concept_dermclip(profile, root, 'cpu')
+    es = cpde_images('train', mask_method, profile, root, device)
+    sched = edit_schedule(bb, es, clip)
+    cfg = EditorConfig(method=method, t_edit=sched['t_edit'], t_addnoise=sched['t_addnoise'], backbone=base_config(profile).hash(),
+                       clip=clip.cache_dir.name, data=f"{'+'.join(EDIT_DATASETS)}:train:masks-{mask_method}", **kw)
+    conds = edit_conditions(clip, [Edit(*e) for e in cfg.edits])
+    def build(d):
+        sub, pairs = _pairs_subset(es, cfg); inv = cached_inversion(bb, sub, cfg.steps)
+        t0 = time.time(); ed, hist = train_editor(bb, sub, inv, clip, cfg, progress, pairs)
+        torch.save(ed.state_dict(), d/'editor.pt'); hist.assign(seconds=time.time() - t0).to_csv(d/'history.csv', index=False)
+    path = cached_dir('cpde-editor', cfg, build)
+    ed = make_editor(cfg, bb.unet.time_embedding.linear_2.out_features, bb.unet.config.block_out_channels[-1], conds['semantics'].shape[1])
+    ed.load_state_dict(torch.load(path/'editor.pt')); ed.cache_dir = path
+    return ed.to(bb.device).eval(), cfg, conds, bb, clip
+
+# %% ../nbs/08_cpde.ipynb #aec7c068
+def load_diffusionclip(edit:Edit, # the edit
+                       profile:str='quick', # run profile
+                       root:str|Path|None=None, # data root
+                       device:str='auto', # device
+                       mask_method:str='unet', # masks of Derm7pt (only to pick the same images)
+                       per_edit:int=16, # training images
+                       progress:bool=True # progress bars
+                      )->tuple:
+    "(unet, k0, backbone): the DiffusionCLIP-style LoRA model of one edit, trained and cached on a miss."
+    from dermnb.base import load_base_model, base_config
+    from dermnb.lesiongen import load_concept_dermclip
+    from dermnb.diffusion import save_lora, load_lora
+    bb = load_base_model(profile, root, device=device, progress=progress); bb.cache_dir = Path(base_config(profile).hash())
+    clip = load_concept_dermclip(profile, root, 'cpu'); es = cpde_images('train', mask_method, profile, root, device)
+    key = {'edit': [edit.attribute, edit.direction], 'backbone': base_config(profile).hash(), 'clip': clip.cache_dir.name,
+           'per_edit': per_edit, 'rank': DCLIP_RANK, 't0': DCLIP_T0, 'steps': 20, 'data': f'masks-{mask_method}', 'version': 1}
+    def build(d):
+        cfg = EditorConfig(edits=((edit.attribute, edit.direction),), pairs_per_edit=per_edit)
+        sub, _ = _pairs_subset(es, cfg); inv = cached_inversion(bb, sub, 20)
+        t0 = time.time(); unet, k0, hist = train_diffusionclip(bb, sub, inv, clip, edit, per_edit)
+        save_lora(d, unet); save_json({'k0': k0, 'seconds': time.time() - t0}, d/'info.json'); hist.to_csv(d/'history.csv', index=False)
+    path = cached_dir('cpde-diffusionclip', key, build)
+    unet = copy.deepcopy(bb.unet); add_lora(unet, DCLIP_RANK); load_lora(unet, path)
+    return unet.eval(), json.loads((path/'info.json').read_text())['k0'], bb
+
+# %% ../nbs/08_cpde.ipynb #d41a319a
+MASK_WARN = (0.002, 0.98)     # warn below 0.2% or above 98% of the image
+
+def folder_edit_set(images_dir:str|Path, # input images
+                    masks_dir:str|Path|None=None, # <stem>_segmentation.png masks; None = segment
+                    mask_method:str='diffseg-distilled', # segmenter when there are no masks
+                    profile:str='quick', # profile (image size, segmenter)
+                    root:str|Path|None=None, # data root (segmenter training)
+                    device:str='auto' # device
+                   )->tuple:
+    "(EditSet, original PIL images, files) of a folder, with masks checked and warnings for degenerate ones."
+    files = image_files(images_dir); ims = [load_image(f) for f in files]; size = get_profile(profile).image_size
+    if masks_dir is not None:
+        ms = []
+        for f, im in zip(files, ims):
+            mp = Path(masks_dir)/f'{f.stem}_segmentation.png'
+            if not mp.is_file(): raise DataError(f"{mp}: no mask for {f.name} (expected <stem>_segmentation.png in {masks_dir})")
+            ms.append(load_mask(mp, size=im.size, binarize=True))
+        src = 'given'
+    else:
+        try: ms = segment_masks(ims, mask_method, profile, root, device)
+        except DermnbError as e:
+            raise DermnbError(f"{images_dir}: no --masks and no segmenter for them ({e})") from e
+        src = mask_method
+    for f, m in zip(files, ms):
+        fr = float(np.asarray(m).mean())
+        if fr < MASK_WARN[0] or fr > MASK_WARN[1]:
+            warnings.warn(f"{f}: its mask covers {fr:.1%} of the image; the edit is still applied (masked methods then change "
+                          f"{'nothing' if fr < MASK_WARN[0] else 'everything'})")
+    X = torch.stack([image_to_tensor(fit_square(im, size, 'squash')) for im in ims])
+    M = torch.stack([torch.from_numpy(np.asarray(fit_square(Image.fromarray(np.asarray(m)), size, 'squash', is_mask=True)) > 0).float()[None] for m in ms])
+    return EditSet([f.stem for f in files], X, M, [src] * len(files)), ims, files
+
+# %% ../nbs/08_cpde.ipynb #ad7ba97b
+def edit_folder(images_dir:str|Path, # input images
+                out_dir:str|Path, # edited images are written here under the input names
+                attribute:str, # one of ATTRIBUTES
+                direction:str, # 'add' or 'remove'
+                method:str='cpde', # 'cpde', 'asyrp', 'masking', 'sct' or 'diffusionclip'
+                masks_dir:str|Path|None=None, # masks; None = segment with `mask_method`
+                mask_method:str='diffseg-distilled', # segmenter without masks
+                profile:str='quick', # profile
+                root:str|Path|None=None, # data root
+                device:str='auto', # device
+                seed:int=0 # sampling seed
+               )->list:
+    "Edit every image of a folder (trained editors are cached on first use); returns the written files."
+    e = Edit(attribute, direction)
+    es, ims, files = folder_edit_set(images_dir, masks_dir, mask_method, profile, root, device)
+    if method == 'diffusionclip':
+        unet, k0, bb = load_diffusionclip(e, profile, root, device)
+        edited = apply_diffusionclip(bb, unet, k0, cached_inversion(bb, es, 20))
+    else:
+        ed, cfg, conds, bb, _ = load_editor(method, profile, root, device)
+        j = [tuple(x) for x in cfg.edits].index((e.attribute, e.direction))
+        edited = apply_editor(bb, ed, cfg, es, cached_inversion(bb, es, cfg.steps), torch.full((len(es),), j), conds, seed=seed)
+    out = []
+    for f, im, x in zip(files, ims, edited):
+        out.append(save_image(tensor_to_image(x).resize(im.size, Image.BICUBIC), Path(out_dir)/f.name))
+    return out
+
+# %% ../nbs/08_cpde.ipynb #1b69c8d3
+def eval_edit_folders(orig_dir:str|Path, # original images
+                      edited_dir:str|Path, # edited images, same file names
+                      masks_dir:str|Path, # <stem>_segmentation.png lesion masks
+                      attribute:str, # the edit's attribute
+                      direction:str, # 'add' or 'remove'
+                      clip:ClipEncoder|None=None, # the S_dir CLIP; default the concept-aware DermCLIP
+                      profile:str='quick', # for the default CLIP
+                      root:str|Path|None=None, # data root
+                      device:str='auto' # device
+                     )->dict:
+    "{'fid', 's_dir', 'ns_lpips', 'n'} of an edited folder against its originals."
+    from dermnb.metrics import fid_from_features, inception_features
+    e = Edit(attribute, direction); ed = {f.name: f for f in image_files(edited_dir)}
+    orig = [f for f in image_files(orig_dir) if f.name in ed]
+    if not orig: raise DataError(f"{edited_dir}: no edited image matches a file name in {orig_dir}")
+    if clip is None:
+        from dermnb.lesiongen import load_concept_dermclip
+        clip = load_concept_dermclip(profile, root, 'cpu')
+    A, B, M = [], [], []
+    for f in orig:
+        b = load_image(ed[f.name]); a = load_image(f).resize(b.size, Image.BICUBIC)
+        mp = Path(masks_dir)/f'{f.stem}_segmentation.png'
+        if not mp.is_file(): raise DataError(f"{mp}: no mask for {f.name}")
+        m = Image.fromarray(load_mask(mp, binarize=True)).resize(b.size, Image.NEAREST)
+        A.append(image_to_tensor(a)); B.append(image_to_tensor(b)); M.append(torch.from_numpy(np.asarray(m) > 0).float()[None])
+    A, B, M = torch.stack(A), torch.stack(B), torch.stack(M)
+    with torch.no_grad(): sd = clip_direction_similarity(clip, A, B, *e.texts).mean().item()
+    fa, fb = inception_features((A + 1) / 2, device=device), inception_features((B + 1) / 2, device=device)
+    return {'fid': float(fid_from_features(fa, fb)) if len(A) > 1 else float('nan'), 's_dir': sd,
+            'ns_lpips': float(ns_lpips((A + 1) / 2, (B + 1) / 2, M[:, 0], device=device).mean()), 'n': len(A)}

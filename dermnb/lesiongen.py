@@ -29,10 +29,11 @@ __all__ = ['CONCEPTS', 'CAPTION_DATASETS', 'LORA_RANK', 'LORA_STEPS', 'CAPTION_K
            'CLASSES', 'AGE_BINS', 'ZS_CONCEPT_TEMPLATES', 'PROVENANCE_COLOURS', 'concept_labels', 'lite0_features',
            'record_features', 'ConceptClassifierConfig', 'ConceptClassifier', 'train_concept_classifier',
            'load_concept_classifier', 'concept_classifier_table', 'CaptionConfig', 'caption_rows', 'caption_dataset',
-           'lesiongen_train_config', 'caption_records', 'lesiongen_dataset', 'load_lesiongen', 'lesiongen_prompt',
-           'prompt_vocabulary', 'check_prompt', 'fit_linear_head', 'subgroup_table', 'subgroups', 'classifier_arms',
-           'concept_faithfulness', 'real_concept_rates', 'class_prompts', 'fid_per_class', 'concept_dermclip_config',
-           'load_concept_dermclip', 'zero_shot_concepts', 'generate_lesiongen', 'plot_caption_table']
+           'lesiongen_train_config', 'caption_records', 'lesiongen_dataset', 'lora_rows', 'load_lesiongen',
+           'lesiongen_prompt', 'prompt_vocabulary', 'check_prompt', 'fit_linear_head', 'subgroup_table', 'subgroups',
+           'classifier_arms', 'concept_faithfulness', 'real_concept_rates', 'class_prompts', 'fid_per_class',
+           'concept_dermclip_config', 'load_concept_dermclip', 'zero_shot_concepts', 'generate_lesiongen',
+           'plot_caption_table']
 
 # %% ../nbs/07_lesiongen.ipynb #ff698226
 CONCEPTS = {   # concept -> (phrase, Derm7pt rule, PH2 rule); a rule maps the dataset's value to 1/0
@@ -286,7 +287,7 @@ def lesiongen_train_config(profile:str='quick', # run profile
     from dermnb.training import TrainConfig
     from dermnb.base import base_config
     if captions not in CAPTION_KINDS: raise DermnbError(f"captions must be one of {CAPTION_KINDS}, not {captions!r}")
-    p = get_profile(profile); data = f'lesiongen-{captions}:{caption_cfg.hash()}:squash'
+    p = get_profile(profile); data = f'lesiongen-{captions}:{caption_cfg.hash()}:lora_rows300:squash'
     if p.name == 'quick':
         return TrainConfig(data=data, space='latent', ae='taef2', image_size=p.image_size, cond='text', text_encoder='minilm',
                            base=f'cached:{base_config(profile, 0).hash()}', lora_rank=LORA_RANK, lora_alpha=LORA_RANK,
@@ -319,6 +320,18 @@ def lesiongen_dataset(rows:Sequence[dict], # caption dataset rows
     recs = caption_records(rows, root)
     return DermDataset(recs, image_size, 'squash', caption_fn=lambda rec: caps[(rec.source, rec.id)], with_mask=False)
 
+# %% ../nbs/07_lesiongen.ipynb #c27ed067
+def lora_rows(rows:Sequence[dict], # caption dataset rows
+              per_class:int=300, # ISIC 2019 images kept per diagnosis
+              seed:int=0 # which ones
+             )->list:
+    "The caption rows LesionGen's LoRA trains on (expert datasets and ISIC 2018 in full, ISIC 2019 capped per class)."
+    rng = np.random.default_rng(seed); keep = [r for r in rows if r['source'] != 'isic2019']
+    for dx in sorted({r['diagnosis'] or '' for r in rows if r['source'] == 'isic2019'}):
+        pool = [r for r in rows if r['source'] == 'isic2019' and (r['diagnosis'] or '') == dx]
+        keep += [pool[i] for i in sorted(rng.permutation(len(pool))[:per_class])]
+    return keep
+
 # %% ../nbs/07_lesiongen.ipynb #ac1ebe01
 def load_lesiongen(profile:str='quick', # run profile
                    captions:str='rich', # 'rich' or 'label'
@@ -333,7 +346,7 @@ def load_lesiongen(profile:str='quick', # run profile
     from dermnb.base import load_base_model
     cfg = lesiongen_train_config(profile, captions, caption_cfg, seed)
     if cfg.base.startswith('cached:'): load_base_model(profile, root, 0, device, progress)     # the base must be in the cache
-    rows = lambda: caption_dataset(caption_cfg, root, device, progress)
+    rows = lambda: lora_rows(caption_dataset(caption_cfg, root, device, progress))
     path = train_cached(cfg, lambda: lesiongen_dataset(rows(), captions, cfg.image_size, root), device=device, progress=progress)
     bb = load_trained(path, device); bb.cache_dir = path
     return bb

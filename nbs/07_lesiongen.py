@@ -452,7 +452,7 @@ def lesiongen_train_config(profile:str='quick', # run profile
     from dermnb.training import TrainConfig
     from dermnb.base import base_config
     if captions not in CAPTION_KINDS: raise DermnbError(f"captions must be one of {CAPTION_KINDS}, not {captions!r}")
-    p = get_profile(profile); data = f'lesiongen-{captions}:{caption_cfg.hash()}:squash'
+    p = get_profile(profile); data = f'lesiongen-{captions}:{caption_cfg.hash()}:lora_rows300:squash'
     if p.name == 'quick':
         return TrainConfig(data=data, space='latent', ae='taef2', image_size=p.image_size, cond='text', text_encoder='minilm',
                            base=f'cached:{base_config(profile, 0).hash()}', lora_rank=LORA_RANK, lora_alpha=LORA_RANK,
@@ -507,6 +507,31 @@ test_eq(lesiongen_dataset(rows[:4], 'label', 16, ROOT)[0]['caption'], rows[0]['l
 
 
 # %% [markdown]
+# The LoRA's training set keeps every expert-annotated image (PH2, Derm7pt) and every ISIC 2018 image, and at most
+# `per_class` ISIC 2019 images per diagnosis (all of the rare classes; nevi are 72% of ISIC 2019 and the base model has
+# seen them all): the quick profile's data preparation (one TAEF2 encoding per image and flip) then fits its budget,
+# and the adapter sees the rare classes it must generate for the classifier experiment as often as the common ones.
+
+# %%
+#| export
+def lora_rows(rows:Sequence[dict], # caption dataset rows
+              per_class:int=300, # ISIC 2019 images kept per diagnosis
+              seed:int=0 # which ones
+             )->list:
+    "The caption rows LesionGen's LoRA trains on (expert datasets and ISIC 2018 in full, ISIC 2019 capped per class)."
+    rng = np.random.default_rng(seed); keep = [r for r in rows if r['source'] != 'isic2019']
+    for dx in sorted({r['diagnosis'] or '' for r in rows if r['source'] == 'isic2019'}):
+        pool = [r for r in rows if r['source'] == 'isic2019' and (r['diagnosis'] or '') == dx]
+        keep += [pool[i] for i in sorted(rng.permutation(len(pool))[:per_class])]
+    return keep
+
+
+# %%
+lr_ = lora_rows([{'source': 'isic2019', 'diagnosis': 'nevus', 'id': str(i)} for i in range(10)] + [{'source': 'ph2', 'diagnosis': 'nevus', 'id': 'p'}], per_class=3)
+test_eq((len(lr_), sum(r['source'] == 'isic2019' for r in lr_)), (4, 3))
+
+
+# %% [markdown]
 # `load_lesiongen` trains the LoRA through the cache on a miss (progress shown) and returns the base model with the
 # adapter loaded, ready to sample.
 
@@ -525,7 +550,7 @@ def load_lesiongen(profile:str='quick', # run profile
     from dermnb.base import load_base_model
     cfg = lesiongen_train_config(profile, captions, caption_cfg, seed)
     if cfg.base.startswith('cached:'): load_base_model(profile, root, 0, device, progress)     # the base must be in the cache
-    rows = lambda: caption_dataset(caption_cfg, root, device, progress)
+    rows = lambda: lora_rows(caption_dataset(caption_cfg, root, device, progress))
     path = train_cached(cfg, lambda: lesiongen_dataset(rows(), captions, cfg.image_size, root), device=device, progress=progress)
     bb = load_trained(path, device); bb.cache_dir = path
     return bb
