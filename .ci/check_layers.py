@@ -21,7 +21,9 @@ def violations(root:Path, lib:str='dermnb')->list:
         if mod not in order: continue
         for node in ast.walk(ast.parse(py.read_text())):
             names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if isinstance(node, ast.ImportFrom) and node.level == 1:              # nbdev writes relative imports
+                names = [node.module.split('.')[0]] if node.module else [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 if node.module == lib: names = [a.name for a in node.names]          # from dermnb import metrics
                 elif node.module.startswith(lib + '.'): names = [node.module.split('.')[1]]
             elif isinstance(node, ast.Import):

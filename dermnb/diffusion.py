@@ -503,7 +503,9 @@ def save_lora(out_dir:str|Path, # folder; receives pytorch_lora_weights.safetens
     kw = {}
     for key, m in (('unet', unet), ('text_encoder', text_encoder)):
         if m is None: continue
-        kw[f'{key}_lora_layers'] = convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
+        sd, targets = get_peft_model_state_dict(m), set(m.peft_config['default'].target_modules)
+        attention_only = targets <= set(UNET_LORA_TARGETS) | set(TEXT_LORA_TARGETS)
+        kw[f'{key}_lora_layers'] = convert_state_dict_to_diffusers(sd) if attention_only else sd   # conv adapters: peft's keys
         kw[f'{key}_lora_adapter_metadata'] = m.peft_config['default'].to_dict()
     if not kw: raise DermnbError("save_lora needs a unet or a text_encoder with a LoRA adapter")
     with tempfile.TemporaryDirectory(dir=out, prefix='.lora.') as tmp:

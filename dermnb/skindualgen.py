@@ -19,7 +19,7 @@ from .core import (Config, DermnbError, DataError, cached_dir, get_profile, load
                          atomic_save, tensor_to_image)
 from .data import Record, get_split, DermDataset, fit_square
 from .metrics import seg_metrics
-from .diffusion import Backbone
+from .diffusion import Backbone, unet_eps
 from .training import TrainConfig, train_cached, load_trained
 from .base import base_config, load_base_model, generate
 from .lesiongen import CaptionConfig, caption_dataset, caption_records, lesiongen_prompt, check_prompt
@@ -27,8 +27,8 @@ from .lesiongen import CaptionConfig, caption_dataset, caption_records, lesionge
 # %% auto #0
 __all__ = ['PAIR_DATASETS', 'SHAPE_DEFAULTS', 'LORA_RANK', 'STEPS', 'FLAG_MIN', 'FLAG_MAX', 'render_mask', 'PairDataset',
            'loss_name', 'parse_loss', 'dice_bce', 'skindualgen_loss', 'skindualgen_train_config', 'pair_training_set',
-           'load_skindualgen', 'split_pair', 'mask_flag', 'write_pairs', 'generate_pairs', 'generate_skindualgen',
-           'consistency', 'AugSegConfig', 'train_aug_segmenter', 'seg_scores']
+           'load_skindualgen', 'clean_mask', 'split_pair', 'mask_flag', 'write_pairs', 'generate_pairs',
+           'generate_skindualgen', 'consistency', 'AugSegConfig', 'train_aug_segmenter', 'seg_scores']
 
 # %% ../nbs/09_skindualgen.ipynb #0c31952c
 PAIR_DATASETS = ('isic2018_task1', 'ph2')
@@ -55,7 +55,7 @@ class PairDataset(torch.utils.data.Dataset):
                 'caption': self.captions[(r.source, r.id)]}
 
 # %% ../nbs/09_skindualgen.ipynb #2b5cdb02
-SHAPE_DEFAULTS = {'mask': 1.0, 'shape': 0.1, 'tmax': 300, 'n': 8, 'tau': 5.0}
+SHAPE_DEFAULTS = {'mask': 2.0, 'shape': 0.1, 'tmax': 300, 'n': 4, 'tau': 5.0}
 
 def loss_name(**kw)->str:
     "The config's name of a SkinDualGen loss, e.g. 'skindualgen:mask=1.0,n=8,shape=0.1,tau=5.0,tmax=300'."
@@ -102,7 +102,7 @@ def skindualgen_loss(name:str # the config's `loss` (`loss_name`)
 
 # %% ../nbs/09_skindualgen.ipynb #9d02b9c6
 LORA_RANK = 16
-STEPS = 600
+STEPS = 1200
 
 def skindualgen_train_config(profile:str='quick', # run profile
                              shape:float=SHAPE_DEFAULTS['shape'], # weight of the mask-shape loss (0: the ablation)
@@ -150,10 +150,18 @@ def load_skindualgen(profile:str='quick', # run profile
 # %% ../nbs/09_skindualgen.ipynb #24703e14
 FLAG_MIN, FLAG_MAX = 0.005, 0.95     # a generated mask is flagged below 0.5% or above 95% of the image
 
+def clean_mask(m:np.ndarray # a binary mask
+              )->np.ndarray:
+    "The largest connected component, holes filled (one lesion per image, as in the training masks)."
+    from scipy import ndimage as ndi
+    lab, n = ndi.label(m)
+    if n == 0: return np.asarray(m, bool)
+    return ndi.binary_fill_holes(lab == (np.argmax(ndi.sum(m, lab, range(1, n + 1))) + 1))
+
 def split_pair(x:torch.Tensor # decoded 6-channel samples (B, 6, H, W) in [-1, 1]
               )->tuple:
-    "(images (B, 3, H, W) in [-1, 1], masks (B, H, W) bool) from decoded joint samples."
-    return x[:, :3], x[:, 3:].mean(1) > 0
+    "(images (B, 3, H, W) in [-1, 1], masks (B, H, W) bool): the mask is the decoded mask channels' mean > 0, cleaned."
+    return x[:, :3], torch.from_numpy(np.stack([clean_mask(m) for m in (x[:, 3:].mean(1) > 0).cpu().numpy()]))
 
 def mask_flag(m:np.ndarray # a generated mask
              )->str:

@@ -24,13 +24,13 @@ from diffusers.optimization import get_scheduler
 from .core import (Config, DermnbError, DataError, WeightsMissingError, TrainingDivergedError, atomic_save, save_json,
                          cached_dir, cache_root, get_device, seed_everything, CPU_BATCH)
 from .diffusion import (Backbone, make_unet, make_scheduler, load_ae, load_text_encoder, load_sd_pipeline,
-                              unet_eps, add_lora, save_lora, load_lora, widen_unet_io, LORA_FILE)
+                              unet_eps, add_lora, save_lora, load_lora, widen_unet_io, LORA_FILE, UNET_LORA_TARGETS)
 
 # %% auto #0
-__all__ = ['RESUME_FREE', 'LR_SCHEDULES', 'TrainConfig', 'check_config', 'build_backbone', 'save_checkpoint', 'load_checkpoint',
-           'TrainData', 'prepare_data', 'batch_indices', 'draw_batch', 'TrainState', 'check_resume', 'find_checkpoint',
-           'make_accelerator', 'diffusion_loss', 'make_optimizer', 'data_cache_key', 'TrainProgress', 'train_diffusion',
-           'load_trained', 'train_cached']
+__all__ = ['RESUME_FREE', 'LR_SCHEDULES', 'WIDE_LORA_TARGETS', 'TrainConfig', 'check_config', 'build_backbone', 'save_checkpoint',
+           'load_checkpoint', 'TrainData', 'prepare_data', 'batch_indices', 'draw_batch', 'TrainState', 'check_resume',
+           'find_checkpoint', 'make_accelerator', 'diffusion_loss', 'make_optimizer', 'data_cache_key', 'TrainProgress',
+           'train_diffusion', 'load_trained', 'train_cached']
 
 # %% ../nbs/03a_training.ipynb #dcbe7a8b
 @dataclass(frozen=True)
@@ -102,6 +102,8 @@ def check_config(cfg:TrainConfig # the config to validate
 @torch.no_grad()
 def _text_dim(te:Callable)->int: return te(['']).shape[-1]
 
+WIDE_LORA_TARGETS = UNET_LORA_TARGETS + ('conv1', 'conv2')   # a widened model's new channels flow through the resnets too
+
 def _widen(bb:Backbone, cfg:TrainConfig, dev)->Backbone:
     "Widen the base UNet by `cfg.widen` channels and give it the config's (wider) AE, keeping the base's latent scaling."
     old = bb.ae; widen_unet_io(bb.unet, cfg.widen); bb.ae = load_ae(cfg.ae, dev)
@@ -145,7 +147,7 @@ def build_backbone(cfg:TrainConfig, # the training config
         bb = Backbone(unet.to(dev), sch, ae, te, cfg.num_classes, cfg.image_size)
     if cfg.widen: _widen(bb, cfg, dev)
     if cfg.lora_rank:
-        params = add_lora(bb.unet, cfg.lora_rank, cfg.lora_alpha or None)
+        params = add_lora(bb.unet, cfg.lora_rank, cfg.lora_alpha or None, WIDE_LORA_TARGETS if cfg.widen else None)
         if cfg.widen:                                # the widened convolutions train in full, next to the adapters
             io = [p for m in (bb.unet.conv_in, bb.unet.conv_out) for p in m.parameters()]
             for q in io: q.requires_grad_(True)

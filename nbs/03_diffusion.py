@@ -868,7 +868,10 @@ def add_lora(model:nn.Module, # a `UNet2DConditionModel` or a transformers text 
 # LoRA weights are saved the way diffusers' training scripts save them (`get_peft_model_state_dict` ->
 # `convert_state_dict_to_diffusers` -> `StableDiffusionPipeline.save_lora_weights`, with the adapter config as
 # metadata so alpha survives), as `pytorch_lora_weights.safetensors`: `pipe.load_lora_weights(folder)` reads it, and
-# so does `load_lora` for a bare UNet. The file is written in a temporary folder and renamed into place.
+# so does `load_lora` for a bare UNet. The conversion only knows attention projections: an adapter that also targets
+# convolutions (SkinDualGen's) is saved with peft's own keys, as diffusers' current scripts do, because converted and
+# unconverted keys in one file make the loader drop the attention adapters (measured: outputs changed after the round
+# trip). The file is written in a temporary folder and renamed into place.
 
 # %%
 #| export
@@ -885,7 +888,9 @@ def save_lora(out_dir:str|Path, # folder; receives pytorch_lora_weights.safetens
     kw = {}
     for key, m in (('unet', unet), ('text_encoder', text_encoder)):
         if m is None: continue
-        kw[f'{key}_lora_layers'] = convert_state_dict_to_diffusers(get_peft_model_state_dict(m))
+        sd, targets = get_peft_model_state_dict(m), set(m.peft_config['default'].target_modules)
+        attention_only = targets <= set(UNET_LORA_TARGETS) | set(TEXT_LORA_TARGETS)
+        kw[f'{key}_lora_layers'] = convert_state_dict_to_diffusers(sd) if attention_only else sd   # conv adapters: peft's keys
         kw[f'{key}_lora_adapter_metadata'] = m.peft_config['default'].to_dict()
     if not kw: raise DermnbError("save_lora needs a unet or a text_encoder with a LoRA adapter")
     with tempfile.TemporaryDirectory(dir=out, prefix='.lora.') as tmp:
@@ -979,6 +984,14 @@ with tempfile.TemporaryDirectory() as d:
     test_close(bare(torch.ones(1, 4, 8, 8), 10, encoder_hidden_states=e_lora).sample, o_lora, eps=1e-4)
     test_fail(lambda: load_lora(bare, Path(d)/'missing'), contains='missing')
 test_fail(lambda: add_lora(u0), contains='UNet2DConditionModel')
+uc0 = make_unet('text', sample_size=8, in_channels=4, cross_attention_dim=12, block_out_channels=(32, 32), head_dim=8)
+ucl = copy.deepcopy(uc0); add_lora(ucl, 4, targets=UNET_LORA_TARGETS + ('conv1', 'conv2'))
+for n, p in ucl.named_parameters():
+    if 'lora_B' in n: p.data.normal_(0, .1)
+xe_, ee_ = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 12)
+with tempfile.TemporaryDirectory() as d:
+    save_lora(d, ucl); back = load_lora(copy.deepcopy(uc0), d)
+    with torch.no_grad(): test_close(back(xe_, 5, encoder_hidden_states=ee_).sample, ucl(xe_, 5, encoder_hidden_states=ee_).sample, eps=1e-5)
 
 # %% [markdown]
 # ## Pretrained Stable Diffusion pipelines

@@ -33,7 +33,7 @@ from diffusers.optimization import get_scheduler
 from dermnb.core import (Config, DermnbError, DataError, WeightsMissingError, TrainingDivergedError, atomic_save, save_json,
                          cached_dir, cache_root, get_device, seed_everything, CPU_BATCH)
 from dermnb.diffusion import (Backbone, make_unet, make_scheduler, load_ae, load_text_encoder, load_sd_pipeline,
-                              unet_eps, add_lora, save_lora, load_lora, widen_unet_io, LORA_FILE)
+                              unet_eps, add_lora, save_lora, load_lora, widen_unet_io, LORA_FILE, UNET_LORA_TARGETS)
 
 # %%
 from fastcore.test import test_eq, test_ne, test_fail, test_close
@@ -151,6 +151,8 @@ test_ne(TrainConfig().hash(), TrainConfig(lr=1e-4).hash())
 @torch.no_grad()
 def _text_dim(te:Callable)->int: return te(['']).shape[-1]
 
+WIDE_LORA_TARGETS = UNET_LORA_TARGETS + ('conv1', 'conv2')   # a widened model's new channels flow through the resnets too
+
 def _widen(bb:Backbone, cfg:TrainConfig, dev)->Backbone:
     "Widen the base UNet by `cfg.widen` channels and give it the config's (wider) AE, keeping the base's latent scaling."
     old = bb.ae; widen_unet_io(bb.unet, cfg.widen); bb.ae = load_ae(cfg.ae, dev)
@@ -194,7 +196,7 @@ def build_backbone(cfg:TrainConfig, # the training config
         bb = Backbone(unet.to(dev), sch, ae, te, cfg.num_classes, cfg.image_size)
     if cfg.widen: _widen(bb, cfg, dev)
     if cfg.lora_rank:
-        params = add_lora(bb.unet, cfg.lora_rank, cfg.lora_alpha or None)
+        params = add_lora(bb.unet, cfg.lora_rank, cfg.lora_alpha or None, WIDE_LORA_TARGETS if cfg.widen else None)
         if cfg.widen:                                # the widened convolutions train in full, next to the adapters
             io = [p for m in (bb.unet.conv_in, bb.unet.conv_out) for p in m.parameters()]
             for q in io: q.requires_grad_(True)
@@ -1081,7 +1083,8 @@ with tempfile.TemporaryDirectory() as sd_dir, tempfile.TemporaryDirectory() as t
 
 # %% [markdown]
 # **Widening a base model** (SkinDualGen): a latent base model gets 32 zero-initialised input/output channels for mask
-# latents and the dual AE (`taef2-dual`); with LoRA, the adapters and the widened convolutions train, the base's image
+# latents and the dual AE (`taef2-dual`); with LoRA, the adapters (on the attention projections and, since the new
+# channels must flow through the resnets, on their two convolutions: `WIDE_LORA_TARGETS`) and the widened convolutions train, the base's image
 # scaling is kept while the mask half is fitted, and the reloaded model (base + widening + adapters) predicts what the
 # trained one did. A config naming its own loss must come with it.
 

@@ -11,9 +11,9 @@
 # | method | status | what it does |
 # |---|---|---|
 # | **DiffSeg** | built (`06_diffseg`); below its paper, see the results | weakly supervised lesion segmentation from the difference of noise predictions under "lesion" and "healthy skin", with multiple outputs, GED uncertainty and DenseCRF |
-# | **LesionGen** | to come (issue 13) | concept-rich captions from expert annotations, text-to-image LoRA fine-tuning, classifiers trained on synthetic images |
-# | **CPDE** | to come (issue 14) | context-preserving attribute editing in h-space (Asyrp-style) with a learned semantic module, mask-guided |
-# | **SkinDualGen** | to come (issue 15) | text-to-image diffusion with LoRA that generates an image and its lesion mask in one pass |
+# | **LesionGen** | built (`07_lesiongen`); see the results for where it falls short | concept-rich captions with provenance (expert, crowd, a concept classifier, measured morphology), text-to-image LoRA on the shared base, classifiers trained on synthetic images |
+# | **CPDE** | built (`08_cpde`); see the results | context-preserving attribute editing in h-space (Asyrp-style) with one learned semantic module (SCT), mask-guided dual-branch training and background blending; Asyrp and DiffusionCLIP-style baselines |
+# | **SkinDualGen** | built (`09_skindualgen`); see the results | one latent diffusion model (the base, widened by mask latents, LoRA) that generates an image and its lesion mask in one pass |
 #
 # All of them share one backbone, one notebook per concern, each using only the notebooks before it:
 #
@@ -32,6 +32,9 @@
 # | `04a_dermclip` | `dermnb.dermclip` | DermCLIP, a dermoscopy CLIP trained here, its evaluation, and `load_clip` by name |
 # | `05_segmenter` | `dermnb.segmenter` | supervised U-Net (pretrained EfficientNet-Lite0 encoder), Otsu, DenseCRF |
 # | `06_diffseg` | `dermnb.diffseg` | DiffSeg: weakly supervised segmentation from diffusion difference |
+# | `07_lesiongen` | `dermnb.lesiongen` | LesionGen: concept classifier, caption dataset, LoRA (rich vs label-only), prompts, the classifier claim, faithfulness, FID per class, concept-aware DermCLIP |
+# | `08_cpde` | `dermnb.cpde` | CPDE: asymmetric sampler, cached inversions, LPIPS rule, DeltaBlock and SCT, mask-guided training, DiffusionCLIP-style baseline, edit metrics |
+# | `09_skindualgen` | `dermnb.skindualgen` | SkinDualGen: image+mask latents, multi-objective loss, pair generation, consistency, augmentation |
 # | `10_runner`, `11_cli` | `dermnb.runner`, `dermnb.cli` | the papermill figure runner, the results table, and the `dermnb` command |
 #
 # ## Results
@@ -70,6 +73,11 @@
 # dermnb eval seg --pred DIR --gt DIR [--json] [--csv F]   # Dice, Jaccard, thresholded Jaccard, ...
 # dermnb eval fid DIR_A DIR_B [--json]                      # FID and KID on the standard Inception
 # dermnb segment --method diffseg|unet|otsu --images DIR --out DIR [--crf/--no-crf] [--uncertainty]
+# dermnb caption --dataset NAME|all --out FILE.jsonl           # concept-rich captions with provenance
+# dermnb generate --method lesiongen --prompt TEXT --n N --out DIR [--seed S] [--guidance G] [--steps K]
+# dermnb generate --method skindualgen --prompt TEXT --n N --out DIR   # SYN_xxxxxx.jpg + SYN_xxxxxx_segmentation.png pairs
+# dermnb edit --images DIR [--masks DIR] --attribute NAME --direction add|remove --method cpde|asyrp|diffusionclip --out DIR
+# dermnb eval edit --orig DIR --edited DIR --masks DIR --attribute NAME --direction add|remove [--json]
 # dermnb train base --profile quick|full [--refresh]        # train (or refresh) the shared base model, with an ETA
 # dermnb generate --method base --n N --out DIR [--seed S]  # sample it into PNGs (readable by dermnb eval fid)
 # ```

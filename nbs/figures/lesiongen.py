@@ -39,6 +39,7 @@ def lap(what):
     global t0
     times.append({'step': what, 'seconds': round(time.time() - t0, 1)}); t0 = time.time()
 
+
 # %% [markdown]
 # ## The concept classifier (our stand-in for GPT-4o's reports)
 #

@@ -28,12 +28,13 @@ from dermnb.skindualgen import (load_skindualgen, skindualgen_train_config, gene
 from dermnb.runner import figure_setup
 out = figure_setup(profile, data_root, seed, device, out_dir)
 root = out.root
-S = {'quick': dict(n_cons=128, n_fid=64, fractions=(0.1, 0.25, 1.0), seeds=(0, 1, 2), seg_steps=150, n_syn=400, n_cls_syn=300),
+S = {'quick': dict(n_cons=128, n_fid=64, fractions=(0.1, 0.25, 1.0), seeds=(0, 1, 2), seg_steps=100, n_syn=400, n_cls_syn=300),
      'full': dict(n_cons=1000, n_fid=500, fractions=(0.1, 0.25, 1.0), seeds=(0, 1, 2), seg_steps=3000, n_syn=2000, n_cls_syn=2000)}[out.profile.name]
 times, t0 = [], time.time()
 def lap(what):
     global t0
     times.append({'step': what, 'seconds': round(time.time() - t0, 1)}); t0 = time.time()
+
 
 # %% [markdown]
 # ## The models: with the mask-shape loss, and the ablation without it
@@ -55,7 +56,7 @@ out.csv(runs, 'training_runs'); lap('training'); runs
 test_rows = caption_dataset(CaptionConfig(datasets=('isic2018_task1',), splits=('test',)), root, device)
 dx_of = lambda r: {'melanoma': 'melanoma', 'nevus': 'nevus', 'benign_keratosis': 'seborrheic keratosis'}.get(r['diagnosis'])
 by_class = {c: [r['caption'] for r in test_rows if dx_of(r) == c] for c in ('melanoma', 'nevus', 'seborrheic keratosis')}
-g = 3.
+g = 2.
 show = [p for c in by_class for p in by_class[c][:6]]
 ims, ms = generate_pairs(models['with shape loss'], show, g, 20, seed)
 out.png(image_grid(list(ims), titles=[c for c in by_class for _ in range(6)], preds=list(ms.numpy()), ncols=6, size=1.7,
