@@ -29,9 +29,10 @@ __all__ = ['ATTRIBUTES', 'DIRECTIONS', 'PLAIN', 'ALL_EDITS', 'X0_FRACTION', 'XT_
            'PAPER', 'METHOD_NAMES', 'EDIT_DATASETS', 'MASK_WARN', 'Edit', 'segment_masks', 'EditSet', 'edit_set',
            'asym_ddim', 'Inversion', 'invert', 'cached_inversion', 'lpips_curves', 'choose_t', 'unet_temb',
            'DeltaBlock', 'DeltaBlocks', 'FiLMResBlock', 'SCT', 'edit_conditions', 'EditorConfig', 'source_pairs',
-           'make_editor', 'train_editor', 'apply_editor', 'train_diffusionclip', 'apply_diffusionclip',
-           'diagnosis_head', 'edit_metrics', 'comparison', 'counterfactual_augmentation', 'cpde_images',
-           'edit_schedule', 'load_editor', 'load_diffusionclip', 'folder_edit_set', 'edit_folder', 'eval_edit_folders']
+           'make_editor', 'train_editor', 'apply_editor', 'composite_edit', 'train_diffusionclip',
+           'apply_diffusionclip', 'diagnosis_head', 'edit_metrics', 'comparison', 'counterfactual_augmentation',
+           'cpde_images', 'edit_schedule', 'load_editor', 'load_diffusionclip', 'folder_edit_set', 'edit_folder',
+           'eval_edit_folders']
 
 # %% ../nbs/08_cpde.ipynb #ac3fc296
 ATTRIBUTES = {'streaks': 'streaks', 'blue_whitish_veil': 'blue_whitish_veil', 'pigment_network': 'atypical_pigment_network',
@@ -229,7 +230,8 @@ def choose_t(curves:pd.DataFrame, # from `lpips_curves`
             )->dict:
     "t_edit and t_addnoise by Asyrp's rule (fractions of the plateau), with the ratios that chose them."
     c = curves.sort_values('t'); top = c.iloc[-1]
-    r0, rx = c.d_x0 / top.d_x0, c.d_xt / top.d_xt
+    rise = lambda d: (d - d.min()) / max(d.iloc[-1] - d.min(), 1e-12)
+    r0, rx = rise(c.d_x0), rise(c.d_xt)
     te = c.t[r0 >= X0_FRACTION * cos]; ta = c.t[rx >= XT_FRACTION]
     return {'t_edit': int(te.min()) if len(te) else int(top.t), 't_addnoise': int(ta.min()) if len(ta) else 0,
             'x0_fraction': X0_FRACTION * cos, 'xt_fraction': XT_FRACTION}
@@ -325,10 +327,10 @@ class EditorConfig(Config):
     steps:int=20               # DDIM steps (the inversion's)
     t_edit:int=501             # Δh from this timestep up (chosen by `choose_t`)
     t_addnoise:int=201         # η = 1 below this timestep at sampling
-    pairs_per_edit:int=16      # training (image, edit) pairs per edit
+    pairs_per_edit:int=8       # training (image, edit) pairs per edit
     batch_size:int=8           # pairs per rollout
     epochs:int=1               # passes over the pairs
-    lr:float=1e-3              # Adam (Asyrp's SGD at lr 0.5 for 12,500 steps does not fit the quick budget)
+    lr:float=1e-2              # Adam (Asyrp's SGD at lr 0.5 for 12,500 steps does not fit the quick budget; 1e-3 barely moved)
     w_clip:float=1.            # Asyrp's clip_loss_w
     w_l1:float=3.              # Asyrp's l1_loss_w (times the text cosine)
     edits:tuple=tuple((e.attribute, e.direction) for e in ALL_EDITS)  # the edits it learns
@@ -440,7 +442,8 @@ def apply_editor(bb:Backbone, # the backbone
                  edit_idx:torch.Tensor, # (N,) the edit of each image (indices into cfg.edits)
                  conds:dict, # `edit_conditions` of cfg.edits
                  batch_size:int=32, # images per pass
-                 seed:int=0 # for the η = 1 noise
+                 seed:int=0, # for the η = 1 noise
+                 composite:bool=True # mask-guided methods: paste the edit onto the original pixels (feathered mask)
                 )->torch.Tensor:
     "Edited images (N, 3, S, S) in [-1, 1]."
     out, lm, g = [], es.latent_masks(bb.ae.factor if bb.ae else 1), torch.Generator().manual_seed(seed)
@@ -448,8 +451,23 @@ def apply_editor(bb:Backbone, # the backbone
         sl = slice(i, i + batch_size); ei = edit_idx[sl]; m8 = lm[sl].to(bb.device); traj = inv.traj[:, sl]
         blend = (lambda k, x: m8 * x + (1 - m8) * traj[k + 1].to(x)) if cfg.masked else None
         x0 = asym_ddim(bb, traj[0], cfg.steps, _delta_fn(editor, bb.unet, cfg, conds, ei), cfg.t_edit, cfg.t_addnoise, blend, g)
-        out.append(bb.decode(x0).cpu())
+        y = bb.decode(x0).cpu()
+        if cfg.masked and composite: y = composite_edit(es.images[sl], y, es.masks[sl])
+        out.append(y)
     return torch.cat(out)
+
+# %% ../nbs/08_cpde.ipynb #29f32bec
+def composite_edit(orig:torch.Tensor, # originals (B, 3, S, S)
+                   edited:torch.Tensor, # edits, same shape
+                   masks:torch.Tensor, # lesion masks (B, 1, S, S)
+                   dilate:int=2, # pixels added around the lesion
+                   feather:float=1. # Gaussian softening of the edge, pixels
+                  )->torch.Tensor:
+    "The edit inside the (dilated, feathered) lesion mask, the original pixels outside it."
+    from torchvision.transforms.v2.functional import gaussian_blur
+    m = F.max_pool2d(masks.float(), 2 * dilate + 1, 1, dilate) if dilate else masks.float()
+    if feather: m = gaussian_blur(m, [2 * math.ceil(3 * feather) + 1] * 2, [feather] * 2)
+    return m * edited + (1 - m) * orig
 
 # %% ../nbs/08_cpde.ipynb #bbdd9f41
 DCLIP_RANK, DCLIP_T0 = 4, 500

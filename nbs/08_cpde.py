@@ -330,8 +330,11 @@ test_eq(inv.subset([1]).traj.shape[1], 1)
 # the image: the smallest t with LPIPS(x̂0_t, x0) ≥ 0.33 · cos(source, target) on its AlexNet LPIPS, and adds noise
 # below t_addnoise, the smallest t with LPIPS(x_t, x0) ≥ 1.2. AlexNet's LPIPS weights are not available offline, so
 # we measure the same two curves with `effnet_lpips_uncalibrated` and use the official thresholds *as fractions of each
-# curve's plateau at t = T*, the fractions they are on Asyrp's shipped CelebA curves (0.29 for x̂0, 0.86 for x_t).
-# x_t here is the image noised in pixel space, as Asyrp measures it. The cosine is DermCLIP's between the edit's texts.
+# curve's rise from its floor to its plateau at t = T*, the fractions they are on Asyrp's shipped CelebA curves (0.29
+# for x̂0, 0.86 for x_t). The floor matters here: Asyrp's pixel DDPM reconstructs almost exactly at t → 0, while our
+# latent model's x̂0 keeps the autoencoder's and the inversion's error there (measured: without subtracting it, the rule
+# put t_edit at the last step). x_t is the image noised in pixel space, as Asyrp measures it. The cosine is DermCLIP's
+# between the edit's texts.
 
 # %%
 #| export
@@ -357,7 +360,8 @@ def choose_t(curves:pd.DataFrame, # from `lpips_curves`
             )->dict:
     "t_edit and t_addnoise by Asyrp's rule (fractions of the plateau), with the ratios that chose them."
     c = curves.sort_values('t'); top = c.iloc[-1]
-    r0, rx = c.d_x0 / top.d_x0, c.d_xt / top.d_xt
+    rise = lambda d: (d - d.min()) / max(d.iloc[-1] - d.min(), 1e-12)
+    r0, rx = rise(c.d_x0), rise(c.d_xt)
     te = c.t[r0 >= X0_FRACTION * cos]; ta = c.t[rx >= XT_FRACTION]
     return {'t_edit': int(te.min()) if len(te) else int(top.t), 't_addnoise': int(ta.min()) if len(ta) else 0,
             'x0_fraction': X0_FRACTION * cos, 'xt_fraction': XT_FRACTION}
@@ -367,6 +371,7 @@ def choose_t(curves:pd.DataFrame, # from `lpips_curves`
 cv = pd.DataFrame({'t': [1, 251, 501, 751, 951], 'd_x0': [0., .1, .3, .8, 1.], 'd_xt': [0., .5, .85, .95, 1.]})
 test_eq(choose_t(cv), {'t_edit': 501, 't_addnoise': 751, 'x0_fraction': .29, 'xt_fraction': .86})
 test_eq(choose_t(cv, cos=.3)['t_edit'], 251)
+test_eq(choose_t(cv.assign(d_x0=cv.d_x0 * .5 + .4))['t_edit'], 501)                # a floor does not move the choice
 
 
 # %% [markdown]
@@ -529,10 +534,10 @@ class EditorConfig(Config):
     steps:int=20               # DDIM steps (the inversion's)
     t_edit:int=501             # Δh from this timestep up (chosen by `choose_t`)
     t_addnoise:int=201         # η = 1 below this timestep at sampling
-    pairs_per_edit:int=16      # training (image, edit) pairs per edit
+    pairs_per_edit:int=8       # training (image, edit) pairs per edit
     batch_size:int=8           # pairs per rollout
     epochs:int=1               # passes over the pairs
-    lr:float=1e-3              # Adam (Asyrp's SGD at lr 0.5 for 12,500 steps does not fit the quick budget)
+    lr:float=1e-2              # Adam (Asyrp's SGD at lr 0.5 for 12,500 steps does not fit the quick budget; 1e-3 barely moved)
     w_clip:float=1.            # Asyrp's clip_loss_w
     w_l1:float=3.              # Asyrp's l1_loss_w (times the text cosine)
     edits:tuple=tuple((e.attribute, e.direction) for e in ALL_EDITS)  # the edits it learns
@@ -648,7 +653,11 @@ def train_editor(bb:Backbone, # the (frozen) backbone
 #
 # `apply_editor` runs the asymmetric sampler from each image's inverted x_T with its edit's Δh; the mask-guided
 # variants blend the inverted background latents back after every step (`x ← m·x + (1 − m)·traj[i+1]`, m the latent
-# mask), so outside the lesion the sample follows the image's own trajectory.
+# mask), so outside the lesion the sample follows the image's own trajectory. The latent trajectory still carries the
+# autoencoder's and the inversion's error outside the lesion (measured: the NS-LPIPS of latent blending alone stayed
+# near half of Asyrp's), so the mask-guided variants then composite the decoded edit onto the original pixels through
+# the lesion mask, dilated by 2 px and feathered (`composite=True`, stated in the tables; the figure also reports CPDE
+# with latent blending only).
 
 # %%
 #| export
@@ -661,7 +670,8 @@ def apply_editor(bb:Backbone, # the backbone
                  edit_idx:torch.Tensor, # (N,) the edit of each image (indices into cfg.edits)
                  conds:dict, # `edit_conditions` of cfg.edits
                  batch_size:int=32, # images per pass
-                 seed:int=0 # for the η = 1 noise
+                 seed:int=0, # for the η = 1 noise
+                 composite:bool=True # mask-guided methods: paste the edit onto the original pixels (feathered mask)
                 )->torch.Tensor:
     "Edited images (N, 3, S, S) in [-1, 1]."
     out, lm, g = [], es.latent_masks(bb.ae.factor if bb.ae else 1), torch.Generator().manual_seed(seed)
@@ -669,8 +679,25 @@ def apply_editor(bb:Backbone, # the backbone
         sl = slice(i, i + batch_size); ei = edit_idx[sl]; m8 = lm[sl].to(bb.device); traj = inv.traj[:, sl]
         blend = (lambda k, x: m8 * x + (1 - m8) * traj[k + 1].to(x)) if cfg.masked else None
         x0 = asym_ddim(bb, traj[0], cfg.steps, _delta_fn(editor, bb.unet, cfg, conds, ei), cfg.t_edit, cfg.t_addnoise, blend, g)
-        out.append(bb.decode(x0).cpu())
+        y = bb.decode(x0).cpu()
+        if cfg.masked and composite: y = composite_edit(es.images[sl], y, es.masks[sl])
+        out.append(y)
     return torch.cat(out)
+
+
+# %%
+#| export
+def composite_edit(orig:torch.Tensor, # originals (B, 3, S, S)
+                   edited:torch.Tensor, # edits, same shape
+                   masks:torch.Tensor, # lesion masks (B, 1, S, S)
+                   dilate:int=2, # pixels added around the lesion
+                   feather:float=1. # Gaussian softening of the edge, pixels
+                  )->torch.Tensor:
+    "The edit inside the (dilated, feathered) lesion mask, the original pixels outside it."
+    from torchvision.transforms.v2.functional import gaussian_blur
+    m = F.max_pool2d(masks.float(), 2 * dilate + 1, 1, dilate) if dilate else masks.float()
+    if feather: m = gaussian_blur(m, [2 * math.ceil(3 * feather) + 1] * 2, [feather] * 2)
+    return m * edited + (1 - m) * orig
 
 
 # %% [markdown]
@@ -756,6 +783,9 @@ test_close(same, rec, eps=1e-4)                                                 
 w0 = copy.deepcopy(lb.unet.state_dict())
 dunet, k0_, dh = train_diffusionclip(lb, es6, inv6, tclip, Edit('streaks', 'add'), per_edit=2, batch_size=2)
 test_eq(apply_diffusionclip(lb, dunet, k0_, inv6.subset([0])).shape, (1, 3, 64, 64))
+ce = composite_edit(es6.images[:2], torch.zeros(2, 3, 64, 64), es6.masks[:2])
+far = F.max_pool2d(es6.masks[:2], 11, 1, 5) == 0                                  # well outside the lesion: the original
+test_close(ce[far.expand_as(ce)], es6.images[:2][far.expand_as(ce)], eps=1e-6)
 assert all(torch.equal(v, lb.unet.state_dict()[k]) for k, v in w0.items())       # the shared UNet is untouched
 
 

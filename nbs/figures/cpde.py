@@ -75,6 +75,7 @@ for j, e in enumerate(ALL_EDITS):
     unet, k0, _ = load_diffusionclip(e, profile, root, device, S['mask_method'])
     dc[sel] = apply_diffusionclip(bb, unet, k0, inv.subset(sel.tolist()))
 edited['diffusionclip'] = dc
+edited['cpde (latent blending only)'] = apply_editor(bb, ed0, cfg0, sub, inv, eidx, conds, seed=seed, composite=False)
 lap('editing')
 
 # %% [markdown]
@@ -90,7 +91,7 @@ fids = {m: fid_kid(ref, x, device, seed) for m, x in edited.items()}
 masks_src = ', '.join(sorted(set(sub.mask_source)))
 table = comparison(per, fids, masks_src)
 out.csv(table, 'comparison')
-order = ['Asyrp', 'DiffusionCLIP', 'w/ Masking', 'w/ SCT', 'CPDE']
+order = ['Asyrp', 'DiffusionCLIP', 'w/ Masking', 'w/ SCT', 'CPDE', 'cpde (latent blending only)']
 show = table.set_index('method').loc[order, ['fid', 'paper_fid', 's_dir', 'paper_s_dir', 'ns_lpips', 'paper_ns_lpips', 'seg_dice', 'dx_consistency', 'n']]
 checks = pd.DataFrame([
     {'claim': 'CPDE beats Asyrp on FID', 'holds': bool(show.loc['CPDE', 'fid'] < show.loc['Asyrp', 'fid'])},
