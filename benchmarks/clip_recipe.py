@@ -79,5 +79,6 @@ if __name__ == '__main__':
                    'stem_s_per_view': t_stem / (views + len(va) / len(tr)), 'train_s': t_fit, 'final_loss': float(np.mean(h['loss'][-20:])),
                    **val_scores(m, s_va, va, cfg)}
             rows.append(row); print(pd.DataFrame([row]).round(3).to_string(index=False, header=len(rows) == 1), flush=True)
-    df = pd.DataFrame(rows); df.to_csv(a.out, index=False)
+            tmp = a.out + '.tmp'; pd.DataFrame(rows).to_csv(tmp, index=False); __import__('os').replace(tmp, a.out)   # a stopped run keeps its rows
+    df = pd.DataFrame(rows)
     print(df.round(3).to_string(index=False))

@@ -16,18 +16,18 @@ def build(args):
 
 def run(mode, n, reps):
     from dermnb.diffseg import DiffSegConfig, diffusion_difference, _noised
-    from dermnb.diffusion import predict_noise_multi, unet_eps
+    from dermnb.diffusion import unet_eps
     torch.manual_seed(0); torch.set_num_threads(2)
     bb = build(None); cfg = DiffSegConfig()
     z = torch.rand(n, 3, bb.image_size, bb.image_size) * 2 - 1     # images at the model's input size
-    lesion, healthy = bb.cond([1]), bb.cond([0])
-    def naive():
+    conds = [bb.cond([1]), bb.cond([0]), bb.null(1)]                # lesion, healthy, null (guidance)
+    def naive():                                                    # one UNet call per image, step, seed and condition
         with torch.no_grad():
             for i in range(n):
                 for t in cfg.timesteps:
                     for s in cfg.seeds:
                         x, tt = _noised(bb, bb.encode(z[i:i+1]), [t], [s])
-                        e1 = unet_eps(bb.unet, x, tt, lesion); e0 = unet_eps(bb.unet, x, tt, healthy)
+                        for c in conds: unet_eps(bb.unet, x, tt, c)
     def batched(): diffusion_difference(bb, z, cfg.replace(sigma=0))
     f = naive if mode == 'naive' else batched
     f()                                       # warm-up
@@ -35,10 +35,10 @@ def run(mode, n, reps):
     for _ in range(reps): f()
     dt = (time.perf_counter() - t0) / reps
     return {'mode': mode, 'images_per_s': n / dt, 'peak_rss_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            'unet_evals_per_image': 2 * len(cfg.timesteps) * len(cfg.seeds)}
+            'unet_evals_per_image': len(conds) * len(cfg.timesteps) * len(cfg.seeds)}
 
 if __name__ == '__main__':
-    ap = argparse.ArgumentParser(); ap.add_argument('--n', type=int, default=16); ap.add_argument('--reps', type=int, default=2)
+    ap = argparse.ArgumentParser(); ap.add_argument('--n', type=int, default=32); ap.add_argument('--reps', type=int, default=2)
     ap.add_argument('--mode'); a = ap.parse_args()
     if a.mode: print(json.dumps(run(a.mode, a.n, a.reps))); sys.exit()
     res = {}
@@ -48,3 +48,6 @@ if __name__ == '__main__':
         r = res[mode]; print(f"{mode:>8}: {r['images_per_s']:.2f} images/s, peak RSS {r['peak_rss_mb']:.0f} MB, {r['unet_evals_per_image']} UNet evaluations per image")
     ratio = res['batched']['images_per_s'] / res['naive']['images_per_s']
     print(f"speed ratio batched/naive: {ratio:.2f}x (target >= 3x) -> {'OK' if ratio >= 3 else 'BELOW TARGET'}")
+    sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parent))
+    from _results import save_results
+    save_results([{**res[m], 'ratio_vs_naive': res[m]['images_per_s'] / res['naive']['images_per_s'], 'n_images': a.n} for m in res], 'diffseg_batching')

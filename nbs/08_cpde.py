@@ -106,7 +106,7 @@ test_fail(lambda: Edit('sparkles', 'add'), contains='known attributes: streaks, 
 #
 # Edits run at the backbone's size (64 px, squashed as the base model was trained). Masks come from the dataset where
 # it has them (PH2), else from a segmenter: `diffseg-distilled` (DiffSeg's weakly supervised student: the "DiffSeg
-# masks drive CPDE" path) when it is available, else the supervised U-Net; every table names the source. The latent
+# masks drive CPDE" path), or the supervised U-Net; every table names the source. The latent
 # mask is the 8×8 max-pool of the 64-px mask: any lesion pixel makes its cell editable, so an edit is not clipped.
 
 # %%
@@ -119,9 +119,8 @@ def segment_masks(images:Sequence[Image.Image], # PIL images
                  )->list:
     "Lesion masks (bool, each image's size) from the project's segmenters."
     if method == 'diffseg-distilled':
-        from dermnb import diffseg
-        if not hasattr(diffseg, 'load_distilled'): raise DermnbError("diffseg-distilled is not available in this version; use --mask-method unet")
-        return [r['mask'] for r in diffseg.distilled_method(diffseg.load_distilled(profile, root, device))(images)]
+        from dermnb.diffseg import load_distilled, distilled_method
+        return [r['mask'] for r in distilled_method(load_distilled(profile, root, device))(images)]
     if method != 'unet': raise DermnbError(f"unknown mask method {method!r}; use 'unet' or 'diffseg-distilled'")
     from dermnb.segmenter import load_segmenter, predict_proba, SegmenterConfig
     net = load_segmenter(SegmenterConfig.for_profile(profile), root, device)

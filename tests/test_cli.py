@@ -36,15 +36,20 @@ def test_unknown_figure(data_root):
     r = run('figures', 'no_such_figure')
     assert r.returncode == 2 and 'no_such_figure' in r.stderr and 'data_overview' in r.stderr
 
-def test_segment_otsu_then_eval(tmp_path, data_root):
-    "dermnb segment writes ISIC-named masks that dermnb eval seg reads."
+def _isic_folder(tmp_path, data_root, n):
+    "Copy the first n ISIC 2018 images and their masks into tmp_path/img and tmp_path/gt; returns their ids."
     import shutil
     src = data_root/'isic2018_task1'
-    ids = sorted(p.stem for p in (src/'ISIC2018_Task1-2_Training_Input').glob('ISIC_*.jpg'))[:4]
+    ids = sorted(p.stem for p in (src/'ISIC2018_Task1-2_Training_Input').glob('ISIC_*.jpg'))[:n]
     (tmp_path/'img').mkdir(); (tmp_path/'gt').mkdir()
     for i in ids:
         shutil.copy(src/'ISIC2018_Task1-2_Training_Input'/f'{i}.jpg', tmp_path/'img')
         shutil.copy(src/'ISIC2018_Task1_Training_GroundTruth'/f'{i}_segmentation.png', tmp_path/'gt')
+    return ids
+
+def test_segment_otsu_then_eval(tmp_path, data_root):
+    "dermnb segment writes ISIC-named masks that dermnb eval seg reads."
+    ids = _isic_folder(tmp_path, data_root, 4)
     r = run('segment', '--method', 'otsu', '--images', str(tmp_path/'img'), '--out', str(tmp_path/'pred'))
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in (tmp_path/'pred').iterdir()) == [f'{i}_segmentation.png' for i in ids]
@@ -56,3 +61,11 @@ def test_segment_unreadable_image_names_file(tmp_path, data_root):
     (tmp_path/'img').mkdir(); (tmp_path/'img'/'ISIC_0000000.jpg').write_bytes(b'\xff\xd8\xff truncated')
     r = run('segment', '--method', 'otsu', '--images', str(tmp_path/'img'), '--out', str(tmp_path/'pred'))
     assert r.returncode == 2 and 'ISIC_0000000.jpg' in r.stderr and 'Traceback' not in r.stderr
+
+def test_segment_colour_baseline(tmp_path, data_root):
+    "The training-free colour baseline through the CLI: input-size masks that beat an empty guess on real images."
+    ids = _isic_folder(tmp_path, data_root, 3)
+    r = run('segment', '--method', 'colour', '--images', str(tmp_path/'img'), '--out', str(tmp_path/'pred'), '--uncertainty')
+    assert r.returncode == 0 and 'applies to diffseg and diffseg-distilled only' in r.stderr, r.stderr
+    r = run('eval', 'seg', '--pred', str(tmp_path/'pred'), '--gt', str(tmp_path/'gt'), '--json')
+    assert r.returncode == 0 and json.loads(r.stdout)['dice'] > .5
