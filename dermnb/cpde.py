@@ -72,9 +72,8 @@ def segment_masks(images:Sequence[Image.Image], # PIL images
                  )->list:
     "Lesion masks (bool, each image's size) from the project's segmenters."
     if method == 'diffseg-distilled':
-        from dermnb import diffseg
-        if not hasattr(diffseg, 'load_distilled'): raise DermnbError("diffseg-distilled is not available in this version; use --mask-method unet")
-        return [r['mask'] for r in diffseg.distilled_method(diffseg.load_distilled(profile, root, device))(images)]
+        from dermnb.diffseg import load_distilled, distilled_method
+        return [r['mask'] for r in distilled_method(load_distilled(profile, root, device))(images)]
     if method != 'unet': raise DermnbError(f"unknown mask method {method!r}; use 'unet' or 'diffseg-distilled'")
     from dermnb.segmenter import load_segmenter, predict_proba, SegmenterConfig
     net = load_segmenter(SegmenterConfig.for_profile(profile), root, device)

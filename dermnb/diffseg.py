@@ -350,7 +350,7 @@ def load_diffseg_backbone(profile:str='quick', # run profile
 # %% ../nbs/06_diffseg.ipynb #debdaa23
 THRESHOLDS = (None, .3, .5, .7)
 FLOOR_PERCENTILES = (25, 50)
-CRF_GRID = {'sxy_bilateral': [20., 40.], 'srgb': [5., 30.], 'compat_bilateral': [3., 5.]}
+CRF_GRID = {'sxy_bilateral': [40., 80.], 'srgb': [30., 60.], 'compat_bilateral': [5., 10.]}
 CRF_CLIPS = (.1, .3)
 
 def calibrate(ds:DiffSeg, # DiffSeg with a trained backbone
@@ -508,8 +508,8 @@ def pseudo_dataset(ds:DiffSeg, # calibrated DiffSeg
             if not r['mask'].any(): empty += 1; continue
             y, w = pseudo_label(r, source)
             xs.append(torch.from_numpy(np.array(fit_square(im, size, fit))).permute(2, 0, 1))
-            ys.append(torch.from_numpy(np.asarray(fit_square(Image.fromarray(y), size, fit, is_mask=True), np.float32)))
-            ws.append(torch.from_numpy(np.asarray(fit_square(Image.fromarray(w), size, fit, is_mask=True), np.float32)))
+            ys.append(torch.from_numpy(np.array(fit_square(Image.fromarray(y), size, fit, is_mask=True), np.float32)))
+            ws.append(torch.from_numpy(np.array(fit_square(Image.fromarray(w), size, fit, is_mask=True), np.float32)))
             kept += 1
     if not xs: raise DermnbError(f"DiffSeg found no lesion evidence in any of {len(records)} training images: no pseudo-labels")
     out = PseudoMaskDataset(torch.stack(xs), torch.stack(ys)[:, None], torch.stack(ws)[:, None])
@@ -606,11 +606,12 @@ def load_distilled(profile:str='quick', # run profile
                    device:str='auto', # device
                    ds:DiffSeg|None=None, # the teacher; default `load_diffseg(profile, root, device)`
                    source:str='consistency', # pseudo-label source, see `pseudo_label`
-                   n_train:int=0, # training-split images pseudo-labelled (0 = all)
+                   n_train:int|None=None, # training-split images pseudo-labelled (0 = all; None = the profile's: quick 800, full all)
                    progress:bool=True # progress bars
                   ):
     "`diffseg-distilled`: the U-Net recipe trained on DiffSeg's pseudo-labels of the training split (cached)."
     ds = ds or load_diffseg(profile, root, device, progress=progress)
+    if n_train is None: n_train = 800 if get_profile(profile).name == 'quick' else 0   # quick: half the split, for the CPU budget
     base = SegmenterConfig.for_profile(profile)
     cfg = base.replace(labels=f'diffseg-pseudo:{ds.cache_dir.name}:{source}:{n_train or "all"}')
     def data():
