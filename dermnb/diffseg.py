@@ -386,7 +386,7 @@ def calibrate(ds:DiffSeg, # DiffSeg with a trained backbone
         c = cfg.replace(threshold=th, min_evidence=fl, keep_largest=kl); dice = dice_at(c); cands.append((dice, c))
         rows.append({'param': 'mask rule', 'value': json.dumps({'threshold': 'otsu' if th is None else th, 'min_evidence': round(fl, 4),
                                                                 'keep_largest': kl}), 'dice': dice})
-    cfg = max(cands, key=lambda t: t[0])[1]
+    cfg = max(cands, key=lambda t: (round(t[0], 4), t[1].min_evidence))[1]   # ties: the higher floor (empty on no evidence)
     ims, gts, maps = ims[:crf_n], gts[:crf_n], maps[:crf_n]
     fused = [DiffSeg(ds.bb, cfg).from_maps(i, m, crf=False) for i, m in zip(ims, maps)]
     grid = crf_grid or CRF_GRID
@@ -480,15 +480,16 @@ def unet_method(net, # trained LesionUNet (see `load_segmenter`)
     return lambda images: [{'mask': p > threshold} for p in predict_proba(net, images)]
 
 # %% ../nbs/06_diffseg.ipynb #7c6075c0
-PSEUDO_SOURCES = ('consistency', 'crf')
+PSEUDO_SOURCES = ('consistency', 'crf', 'crf-full')
 
 def pseudo_label(r:dict, # one result of `DiffSeg.segment`
-                 source:str='consistency' # 'consistency': consistent lesion 1 / skin 0; 'crf': the CRF mask's labels
+                 source:str='consistency' # 'consistency': consistent lesion 1 / skin 0; 'crf': the CRF mask's labels;
+                                          # 'crf-full': the CRF mask with every pixel weighted (ambiguity not used)
                 )->tuple:
     "(target, weight) maps (H, W) float32: ambiguous pixels weigh 0."
     if source not in PSEUDO_SOURCES: raise DermnbError(f"pseudo-label source must be one of {PSEUDO_SOURCES}, not {source!r}")
-    w = (~r['ambiguous']).astype(np.float32)
-    y = (r['crf_mask'] if source == 'crf' else r['consistent_lesion']).astype(np.float32)
+    w = np.ones(r['ambiguous'].shape, np.float32) if source == 'crf-full' else (~r['ambiguous']).astype(np.float32)
+    y = (r['crf_mask'] if source.startswith('crf') else r['consistent_lesion']).astype(np.float32)
     return y, w
 
 # %% ../nbs/06_diffseg.ipynb #7c6add87
@@ -504,7 +505,7 @@ def pseudo_dataset(ds:DiffSeg, # calibrated DiffSeg
     xs, ys, ws, kept, empty = [], [], [], 0, 0
     for s in tqdm(range(0, len(records), batch_size), desc='pseudo-labels', disable=not progress):
         ims = [load_image(r.image) for r in records[s:s + batch_size]]
-        for im, r in zip(ims, ds.segment(ims, crf=source == 'crf', batch_size=batch_size)):
+        for im, r in zip(ims, ds.segment(ims, crf=source.startswith('crf'), batch_size=batch_size)):
             if not r['mask'].any(): empty += 1; continue
             y, w = pseudo_label(r, source)
             xs.append(torch.from_numpy(np.array(fit_square(im, size, fit))).permute(2, 0, 1))
@@ -581,7 +582,7 @@ def load_diffseg(profile:str='quick', # run profile
     "The trained and calibrated DiffSeg of a profile (both cached); `.calibration` holds the candidates' table."
     bb = load_diffseg_backbone(profile, root, device, progress, style, t_range)
     base = cfg or DiffSegConfig()
-    key = {'model': bb.cache_dir.name, 'config': base.to_dict(), 'n_calibration': n_calibration, 'split_seed': 0, 'v': 3}
+    key = {'model': bb.cache_dir.name, 'config': base.to_dict(), 'n_calibration': n_calibration, 'split_seed': 0, 'v': 4}
     def build(d):
         c, tab = calibrate(DiffSeg(bb, base), get_split('isic2018_task1', 'train', root)[:n_calibration], progress=progress)
         (d/'calibration.json').write_text(json.dumps(c.to_dict())); tab.to_csv(d/'calibration.csv', index=False)

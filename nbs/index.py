@@ -10,7 +10,7 @@
 #
 # | method | status | what it does |
 # |---|---|---|
-# | **DiffSeg** | built (`06_diffseg`); below its paper, see the results | weakly supervised lesion segmentation from the difference of noise predictions under "lesion" and "healthy skin", with multiple outputs, GED uncertainty and DenseCRF |
+# | **DiffSeg** | built (`06_diffseg`); below its paper, see the results | weakly supervised lesion segmentation from the signed difference of predictions under "lesion" and "healthy skin" (shortcut-free weak labels, trained in its noise band), with multiple outputs, GED uncertainty, a guarded DenseCRF, and `diffseg-distilled`, a U-Net trained on DiffSeg's consistent regions |
 # | **LesionGen** | built (`07_lesiongen`); see the results for where it falls short | concept-rich captions with provenance (expert, crowd, a concept classifier, measured morphology), text-to-image LoRA on the shared base, classifiers trained on synthetic images |
 # | **CPDE** | built (`08_cpde`); see the results | context-preserving attribute editing in h-space (Asyrp-style) with one learned semantic module (SCT), mask-guided dual-branch training and background blending; Asyrp and DiffusionCLIP-style baselines |
 # | **SkinDualGen** | built (`09_skindualgen`); see the results | one latent diffusion model (the base, widened by mask latents, LoRA) that generates an image and its lesion mask in one pass |
@@ -30,8 +30,8 @@
 # | `03b_base` | `dermnb.base` | the shared quick-profile base model, sampling, and its evaluation (FID/KID, pixel vs latent, inversion) |
 # | `04_clip` | `dermnb.clip` | one CLIP interface, open_clip models by name and weights; S_dir and the directional CLIP loss |
 # | `04a_dermclip` | `dermnb.dermclip` | DermCLIP, a dermoscopy CLIP trained here, its evaluation, and `load_clip` by name |
-# | `05_segmenter` | `dermnb.segmenter` | supervised U-Net (pretrained EfficientNet-Lite0 encoder), Otsu, DenseCRF |
-# | `06_diffseg` | `dermnb.diffseg` | DiffSeg: weakly supervised segmentation from diffusion difference |
+# | `05_segmenter` | `dermnb.segmenter` | supervised U-Net (pretrained EfficientNet-Lite0 encoder), training on masks or weighted pseudo-labels, Otsu and colour baselines, DenseCRF |
+# | `06_diffseg` | `dermnb.diffseg` | DiffSeg: weak data, signed diffusion difference, calibration on the training split, guarded CRF, distilled student |
 # | `07_lesiongen` | `dermnb.lesiongen` | LesionGen: concept classifier, caption dataset, LoRA (rich vs label-only), prompts, the classifier claim, faithfulness, FID per class, concept-aware DermCLIP |
 # | `08_cpde` | `dermnb.cpde` | CPDE: asymmetric sampler, cached inversions, LPIPS rule, DeltaBlock and SCT, mask-guided training, DiffusionCLIP-style baseline, edit metrics |
 # | `09_skindualgen` | `dermnb.skindualgen` | SkinDualGen: image+mask latents, multi-objective loss, pair generation, consistency, augmentation |
@@ -72,7 +72,7 @@
 # dermnb figures [NAME ...] --profile quick|full [--out figures/]
 # dermnb eval seg --pred DIR --gt DIR [--json] [--csv F]   # Dice, Jaccard, thresholded Jaccard, ...
 # dermnb eval fid DIR_A DIR_B [--json]                      # FID and KID on the standard Inception
-# dermnb segment --method diffseg|unet|otsu --images DIR --out DIR [--crf/--no-crf] [--uncertainty]
+# dermnb segment --method diffseg|diffseg-distilled|colour|unet|otsu --images DIR --out DIR [--crf/--no-crf] [--uncertainty]
 # dermnb caption --dataset NAME|all --out FILE.jsonl           # concept-rich captions with provenance
 # dermnb generate --method lesiongen --prompt TEXT --n N --out DIR [--seed S] [--guidance G] [--steps K]
 # dermnb generate --method skindualgen --prompt TEXT --n N --out DIR   # SYN_xxxxxx.jpg + SYN_xxxxxx_segmentation.png pairs
