@@ -317,4 +317,4 @@ def main(argv:list|None=None # arguments (default sys.argv[1:])
         print(f'dermnb: error: {e}', file=sys.stderr); return 2
 
 # %% ../nbs/11_cli.ipynb #d8535ada
-if __name__ == '__main__' and 'ipykernel' not in sys.modules: sys.exit(main())
+if __name__ == '__main__' and 'IPython' not in sys.modules: sys.exit(main())

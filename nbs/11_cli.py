@@ -422,11 +422,11 @@ def main(argv:list|None=None # arguments (default sys.argv[1:])
 # %% [markdown]
 # `python -m dermnb.cli ...` runs the same command; that is the form `accelerate launch -m dermnb.cli train base ...`
 # uses to train on several GPUs or machines (each process runs the CLI; the trainer shares the work). The guard skips
-# notebook kernels, where `__name__` is `'__main__'` too.
+# notebook kernels and nbdev_test's IPython shell, where `__name__` is `'__main__'` too.
 
 # %%
 #| export
-if __name__ == '__main__' and 'ipykernel' not in sys.modules: sys.exit(main())
+if __name__ == '__main__' and 'IPython' not in sys.modules: sys.exit(main())
 
 
 # %%
