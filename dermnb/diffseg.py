@@ -312,11 +312,11 @@ class DiffSeg:
 # %% ../nbs/06_diffseg.ipynb #357beae8
 WEAK_DATA = {'tiled': 'diffseg-weak-v2:isic2018_task1/train(seed0)/whole-vs-tiled-corners(same-geometry,shared-vignette)',
              'crop': 'diffseg-weak-v1:isic2018_task1/train(seed0)/whole-vs-corner-crops'}
-T_BAND = (150, 450)   # the training band of the quick model (covers the inference steps 200-400)
+T_BAND = (150, 450)   # the training band that was tried (covers the inference steps); measured worse than t uniform
 
 def diffseg_train_config(profile:str='quick', # 'quick' (CPU) or 'full' (GPU, SD 2 + LoRA)
                          style:str='tiled', # weak data, see `WeakSkinDataset`
-                         t_range:tuple=T_BAND, # training timesteps; () = uniform (the first version)
+                         t_range:tuple=(), # training timesteps (lo, hi); () = uniform (the default, see above)
                          **kw # TrainConfig overrides
                         )->TrainConfig:
     "The DiffSeg diffusion model's training config for a profile."
@@ -337,7 +337,7 @@ def load_diffseg_backbone(profile:str='quick', # run profile
                           device:str='auto', # device
                           progress:bool=True, # training progress bars
                           style:str='tiled', # weak data
-                          t_range:tuple=T_BAND, # training band
+                          t_range:tuple=(), # training band; () = t uniform
                           **kw # TrainConfig overrides
                          )->Backbone:
     "The trained DiffSeg backbone for a profile, training and caching it on first use."
@@ -577,7 +577,7 @@ def load_diffseg(profile:str='quick', # run profile
                  progress:bool=True, # progress bars while training
                  cfg:DiffSegConfig|None=None, # inference settings before calibration; default DiffSegConfig()
                  style:str='tiled', # weak data of the backbone
-                 t_range:tuple=T_BAND # training band of the backbone
+                 t_range:tuple=() # training band of the backbone (() = t uniform)
                 )->DiffSeg:
     "The trained and calibrated DiffSeg of a profile (both cached); `.calibration` holds the candidates' table."
     bb = load_diffseg_backbone(profile, root, device, progress, style, t_range)
