@@ -300,6 +300,7 @@ test_eq(yd.shape, (2, 6, 64, 64))
 
 
 # %%
+
 # %% [markdown]
 # The full profile uses Stable Diffusion's VAE, loaded by model id or path. A missing model is a
 # `WeightsMissingError` naming what to download. (A tiny `AutoencoderKL` built from a config stands in for it in tests.)

@@ -1124,4 +1124,3 @@ with tempfile.TemporaryDirectory() as d:
     assert back.unet.conv_in.weight[:, 32:].abs().sum() > 0                          # the mask inputs learned something
     test_eq(back.sample(cond=['a nevus'], steps=2, generator=make_generator(0)).shape, (1, 6, 16, 16))
     test_fail(lambda: train_diffusion(wcfg.replace(loss='mine'), ToyPairs(), Path(d)/'x', device='cpu', progress=False), contains='needs its loss_fn')
-

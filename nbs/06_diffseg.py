@@ -234,7 +234,7 @@ class DiffSegConfig(Config):
     crf_unary:str='clipped'       # 'clipped': 0.5 + (map - threshold) clipped to [crf_clip, 1 - crf_clip]; 'minmax' (v1)
     crf_clip:float=.2             # confidence cap of the CRF unary
     crf_max_area_change:float=2.  # reject a CRF result whose lesion area differs from the fused mask's by more than this factor (0 = never)
-    max_batch:int=512             # noisy images per UNet call (times the conditions)
+    max_batch:int=16              # noisy images per UNet call (times the conditions); benchmarks/diffseg_batching.py: small chunks are faster on a CPU
 
     def __post_init__(self):
         if self.signal not in ('signed', 'unsigned'): raise DermnbError(f"DiffSegConfig.signal must be 'signed' or 'unsigned', not {self.signal!r}")

@@ -51,7 +51,6 @@ from dermnb.core import data_root
 torch.set_num_threads(2)
 ROOT = data_root()
 
-
 # %% [markdown]
 # ## The concepts
 #
@@ -301,7 +300,6 @@ print(ctab.round(3).to_string())
 assert (ctab.auroc > .6).all(), ctab                                   # better than chance on every concept
 assert ctab.set_index('concept').loc['blue_whitish_veil', 'auroc'] > .75
 
-
 # %% [markdown]
 # ## The caption dataset
 #
@@ -421,7 +419,6 @@ for r in rows:
         if p['source'] == 'predicted': assert p['confidence'] >= clf.thresholds[p['key']]['caption']
 assert any(len(set(r['captions'])) > 1 for r in rows)
 pd.DataFrame(rows)[['source', 'mask', 'tokens', 'caption']].head(8)
-
 
 # %% [markdown]
 # ## Text-to-image LoRA on the shared base model
@@ -616,7 +613,6 @@ test_eq(check_prompt(lesiongen_prompt('melanoma', ['streaks'], 'small')), [])
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter('always'); unk = check_prompt('dermoscopy of a melanoma with sparkly dots and streaks')
 test_eq(unk, ['sparkly dots']); assert 'known:' in str(w[-1].message) and 'a blue-whitish veil' in str(w[-1].message)
-
 
 # %% [markdown]
 # ## The paper's claim: classifiers trained on synthetic images
@@ -951,7 +947,6 @@ with tempfile.TemporaryDirectory() as d:
     test_eq(out.shape, (2, 3, 16, 16)); test_eq(sorted(p.name for p in (Path(d)/'gen').iterdir()), ['LG_0_00000.png', 'LG_0_00001.png'])
     test_fail(lambda: generate_lesiongen(lg, '', 2), contains='empty prompt')
     test_fail(lambda: generate_lesiongen(lg, 'dermoscopy of a nevus', 0), contains='positive number')
-
 
 # %% [markdown]
 # ## Figures

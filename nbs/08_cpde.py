@@ -55,7 +55,6 @@ from dermnb.core import data_root, make_generator
 torch.set_num_threads(2)
 ROOT = data_root()
 
-
 # %% [markdown]
 # ## The edits
 #
@@ -93,7 +92,6 @@ class Edit:
     def name(self)->str: return f'{self.direction} {self.attribute}'
 
 ALL_EDITS = tuple(Edit(a, d) for a in ATTRIBUTES for d in DIRECTIONS)
-
 
 # %%
 e = Edit('streaks', 'add'); test_eq(e.texts, ('dermoscopy of a skin lesion', 'dermoscopy of a skin lesion with streaks'))
@@ -320,7 +318,6 @@ with tempfile.TemporaryDirectory() as d:
 test_eq((inv.traj.shape, inv.rec_x0.shape, len(inv.timesteps)), ((11, 2, 3, 8, 8), (10, 2, 3, 8, 8), 10))
 test_eq(inv.traj[-1], tiny_es.images); test_eq(inv2.traj, inv.traj)            # the cache returns the same
 test_eq(inv.subset([1]).traj.shape[1], 1)
-
 
 # %% [markdown]
 # ## Choosing t_edit and t_addnoise: Asyrp's LPIPS rule on our backbone
@@ -787,7 +784,6 @@ far = F.max_pool2d(es6.masks[:2], 11, 1, 5) == 0                                
 test_close(ce[far.expand_as(ce)], es6.images[:2][far.expand_as(ce)], eps=1e-6)
 assert all(torch.equal(v, lb.unet.state_dict()[k]) for k, v in w0.items())       # the shared UNet is untouched
 
-
 # %% [markdown]
 # ## Evaluation
 #
@@ -907,7 +903,6 @@ def counterfactual_augmentation(real_X:np.ndarray, # Lite0 features of the real 
 g_ = np.random.default_rng(0); Xr_ = g_.normal(size=(100, 4)); yr_ = (np.arange(100) < 10).astype(int); Xr_[yr_ == 1, 0] += 2
 ca_ = counterfactual_augmentation(Xr_, yr_, Xr_[:10] + .1, np.ones(10, int), Xr_, yr_)
 assert set(ca_) == {'real only', 'real + counterfactuals'} and 0 <= ca_['real only']['recall'] <= 1
-
 
 # %% [markdown]
 # ## Trained editors, cached

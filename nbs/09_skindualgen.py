@@ -54,7 +54,6 @@ from dermnb.core import data_root
 torch.set_num_threads(2)
 ROOT = data_root()
 
-
 # %% [markdown]
 # ## Image–mask pairs for training
 #
@@ -96,7 +95,6 @@ recs6 = get_split('isic2018_task1', 'train', ROOT)[:6]
 pd6 = PairDataset(recs6, {(r.source, r.id): ['a', 'b'] for r in recs6}, 32)
 it = pd6[0]; test_eq(it['image'].shape, (6, 32, 32)); test_eq(set(it['image'][3:].unique().tolist()), {-1., 1.})
 test_eq(it['caption'], ['a', 'b']); test_eq(render_mask(torch.ones(2, 4, 4)).shape, (2, 3, 4, 4))
-
 
 # %% [markdown]
 # ## The multi-objective loss
@@ -170,7 +168,6 @@ test_eq(parse_loss(loss_name(shape=0.3)), {**SHAPE_DEFAULTS, 'shape': 0.3})
 test_fail(lambda: loss_name(colour=1), contains='unknown SkinDualGen loss')
 lg_, tg_ = torch.full((2, 8, 8), -10.), torch.zeros(2, 8, 8)
 assert dice_bce(lg_, tg_).max() < .01 and dice_bce(-lg_, tg_).min() > 1.
-
 
 # %% [markdown]
 # ## The model

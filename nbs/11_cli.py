@@ -428,7 +428,6 @@ def main(argv:list|None=None # arguments (default sys.argv[1:])
 #| export
 if __name__ == '__main__' and 'IPython' not in sys.modules: sys.exit(main())
 
-
 # %%
 out, err = io.StringIO(), io.StringIO()
 with contextlib.redirect_stdout(out): rc = main(['data', 'summary', '--json'])

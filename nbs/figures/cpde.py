@@ -37,6 +37,7 @@ def lap(what):
     global t0
     times.append({'step': what, 'seconds': round(time.time() - t0, 1)}); t0 = time.time()
 
+
 # %% [markdown]
 # ## t_edit and t_addnoise by Asyrp's LPIPS rule, measured on our backbone
 

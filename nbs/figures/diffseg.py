@@ -34,6 +34,7 @@ n_eval = P.n_eval or None                     # quick: a fixed subset of each te
 timing = []
 def timed(stage, t0): timing.append({'stage': stage, 'seconds': time.time() - t0})
 
+
 # %% [markdown]
 # ## Models (trained and cached on first use)
 #
