@@ -152,7 +152,8 @@ def _diffseg_dice(d, dataset):
 
 def _diffseg_unc(d):
     c = _csv(d, 'uncertainty_correlation')
-    return ', '.join(f"{r.dataset}: ρ = {r.spearman_rho:.2f}" for r in c.itertuples()), ', '.join(f"n = {int(r.n)}" for r in c.itertuples())
+    name = lambda r: f"{r.method}, {r.dataset}" if 'method' in c else r.dataset
+    return '; '.join(f"{name(r)}: ρ = {r.spearman_rho:.2f}" for r in c.itertuples()), ', '.join(f"n = {int(r.n)}" for r in c.itertuples())
 
 def _backbone_fid(d):
     t = _csv(d, 'fid_kid_vs_time'); real = t[t.model.str.startswith('real')].iloc[0]

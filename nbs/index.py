@@ -10,7 +10,7 @@
 #
 # | method | status | what it does |
 # |---|---|---|
-# | **DiffSeg** | built (`06_diffseg`); below its paper, see the results | weakly supervised lesion segmentation from the signed difference of predictions under "lesion" and "healthy skin" (shortcut-free weak labels, trained in its noise band), with multiple outputs, GED uncertainty, a guarded DenseCRF, and `diffseg-distilled`, a U-Net trained on DiffSeg's consistent regions |
+# | **DiffSeg** | built (`06_diffseg`); below its paper, see the results | weakly supervised lesion segmentation from the signed difference of predictions under "lesion" and "healthy skin" (shortcut-free weak labels, noise band and thresholds chosen on the training split), with multiple outputs, GED uncertainty, a guarded DenseCRF, and `diffseg-distilled`, a U-Net trained on DiffSeg's consistent regions |
 # | **LesionGen** | built (`07_lesiongen`); see the results for where it falls short | concept-rich captions with provenance (expert, crowd, a concept classifier, measured morphology), text-to-image LoRA on the shared base, classifiers trained on synthetic images |
 # | **CPDE** | built (`08_cpde`); see the results | context-preserving attribute editing in h-space (Asyrp-style) with one learned semantic module (SCT), mask-guided dual-branch training and background blending; Asyrp and DiffusionCLIP-style baselines |
 # | **SkinDualGen** | built (`09_skindualgen`); see the results | one latent diffusion model (the base, widened by mask latents, LoRA) that generates an image and its lesion mask in one pass |
