@@ -4,8 +4,8 @@
 
 # %% ../nbs/06_diffseg.ipynb #242c613a
 from __future__ import annotations
-import json, time
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -13,7 +13,7 @@ import pandas as pd
 import torch, torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage as ndi
-from skimage.filters import threshold_otsu, gaussian
+from skimage.filters import threshold_otsu
 from tqdm.auto import tqdm
 from .core import (Config, DataError, DermnbError, get_device, make_generator, load_image, load_mask, get_profile,
                          cached_dir, image_to_tensor, image_files, save_image, atomic_save, overlay_contours)
@@ -21,11 +21,11 @@ from .data import Record, get_split, fit_square
 from .diffusion import Backbone, predict_noise_multi
 from .metrics import ged_terms, seg_metrics
 from .segmenter import (dense_crf, CRFParams, otsu_segment, colour_segment, predict_proba, load_segmenter,
-                              SegmenterConfig, PseudoMaskDataset, unfit_square)
+                              SegmenterConfig, PseudoMaskDataset, DARK)
 from .training import TrainConfig, train_cached, load_trained
 
 # %% auto #0
-__all__ = ['DARK', 'LESION', 'HEALTHY', 'CLASS_NAMES', 'WEAK_STYLES', 'DIFFSEG_V1', 'LUMA', 'WEAK_DATA', 'T_BAND', 'THRESHOLDS',
+__all__ = ['LESION', 'HEALTHY', 'CLASS_NAMES', 'WEAK_STYLES', 'DIFFSEG_V1', 'LUMA', 'WEAK_DATA', 'T_BAND', 'THRESHOLDS',
            'FLOOR_PERCENTILES', 'CRF_GRID', 'CRF_CLIPS', 'TABLE_METRICS', 'PSEUDO_SOURCES', 'dark_mask', 'corner_boxes',
            'skin_corners', 'healthy_tile', 'WeakSkinDataset', 'DiffSegConfig', 'evidence', 'diffusion_difference',
            'binarize_maps', 'consistency_maps', 'output_uncertainty', 'crf_unary', 'guarded_crf', 'DiffSeg',
@@ -35,8 +35,6 @@ __all__ = ['DARK', 'LESION', 'HEALTHY', 'CLASS_NAMES', 'WEAK_STYLES', 'DIFFSEG_V
            'load_distilled', 'noise_predictions', 'plot_difference', 'plot_steps', 'plot_consistency', 'plot_table']
 
 # %% ../nbs/06_diffseg.ipynb #ef7cb5f7
-DARK = 40   # grey level below which a pixel is vignette or frame
-
 def dark_mask(img:Image.Image # RGB dermoscopic image
              )->np.ndarray:
     "Near-black pixels (H, W): the dermatoscope's vignette and frame."

@@ -22,7 +22,7 @@ from .pretrained import load_effnet_lite0, lite0_pyramid, LITE0_TAP_CHANNELS
 from .metrics import seg_metrics
 
 # %% auto #0
-__all__ = ['otsu_segment', 'colour_segment', 'CRFParams', 'dense_crf', 'crf_grid_search', 'LesionUNet', 'SegmenterConfig',
+__all__ = ['DARK', 'otsu_segment', 'colour_segment', 'CRFParams', 'dense_crf', 'crf_grid_search', 'LesionUNet', 'SegmenterConfig',
            'seg_loss', 'PseudoMaskDataset', 'train_segmenter', 'load_segmenter', 'predict_proba', 'unfit_square']
 
 # %% ../nbs/05_segmenter.ipynb #4ab134e5
@@ -42,10 +42,12 @@ def otsu_segment(image, # PIL image or HxWx3 array
     return ndi.binary_fill_holes(lab == best)
 
 # %% ../nbs/05_segmenter.ipynb #4fddcff9
+DARK = 40   # grey level below which a pixel is vignette or frame (the colour baseline and DiffSeg's weak data)
+
 def colour_segment(image, # PIL image or HxWx3 array
                    corner:float=.15, # side of the corner squares that model skin, as a fraction of the short side
                    sigma:float=2.0, # Gaussian smoothing of the distance map (pixels)
-                   dark:int=40 # luminance below this is vignette, excluded from the skin model
+                   dark:int=DARK # luminance below this is vignette, excluded from the skin model
                   )->np.ndarray:
     "Lesion mask (H, W) bool from the Lab Mahalanobis distance to the image's corner skin."
     from skimage.color import rgb2lab

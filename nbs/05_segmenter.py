@@ -81,10 +81,12 @@ test_eq(otsu_segment(np.full((32, 32, 3), 128, np.uint8)).sum(), 0)   # flat ima
 
 # %%
 #| export
+DARK = 40   # grey level below which a pixel is vignette or frame (the colour baseline and DiffSeg's weak data)
+
 def colour_segment(image, # PIL image or HxWx3 array
                    corner:float=.15, # side of the corner squares that model skin, as a fraction of the short side
                    sigma:float=2.0, # Gaussian smoothing of the distance map (pixels)
-                   dark:int=40 # luminance below this is vignette, excluded from the skin model
+                   dark:int=DARK # luminance below this is vignette, excluded from the skin model
                   )->np.ndarray:
     "Lesion mask (H, W) bool from the Lab Mahalanobis distance to the image's corner skin."
     from skimage.color import rgb2lab

@@ -18,8 +18,8 @@
 # %%
 #| export
 from __future__ import annotations
-import json, time
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 import numpy as np
@@ -27,7 +27,7 @@ import pandas as pd
 import torch, torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage as ndi
-from skimage.filters import threshold_otsu, gaussian
+from skimage.filters import threshold_otsu
 from tqdm.auto import tqdm
 from dermnb.core import (Config, DataError, DermnbError, get_device, make_generator, load_image, load_mask, get_profile,
                          cached_dir, image_to_tensor, image_files, save_image, atomic_save, overlay_contours)
@@ -35,7 +35,7 @@ from dermnb.data import Record, get_split, fit_square
 from dermnb.diffusion import Backbone, predict_noise_multi
 from dermnb.metrics import ged_terms, seg_metrics
 from dermnb.segmenter import (dense_crf, CRFParams, otsu_segment, colour_segment, predict_proba, load_segmenter,
-                              SegmenterConfig, PseudoMaskDataset, unfit_square)
+                              SegmenterConfig, PseudoMaskDataset, DARK)
 from dermnb.training import TrainConfig, train_cached, load_trained
 
 # %%
@@ -70,8 +70,6 @@ torch.set_num_threads(2)
 
 # %%
 #| export
-DARK = 40   # grey level below which a pixel is vignette or frame
-
 def dark_mask(img:Image.Image # RGB dermoscopic image
              )->np.ndarray:
     "Near-black pixels (H, W): the dermatoscope's vignette and frame."
