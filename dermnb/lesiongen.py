@@ -459,7 +459,8 @@ def classifier_arms(real_X:np.ndarray, # features of the real training pool
         ri = rng.permutation(len(real_X)); si = rng.permutation(len(syn_X[s]))
         arms = {'real-only': (real_X[ri[:n]], real_y[ri[:n]]), 'synthetic-only': (syn_X[s][si[:n]], syn_y[s][si[:n]]),
                 'real + synthetic': (np.concatenate([real_X[ri[:n // 2]], syn_X[s][si[:n - n // 2]]]),
-                                     np.concatenate([real_y[ri[:n // 2]], syn_y[s][si[:n - n // 2]]]))}
+                                     np.concatenate([real_y[ri[:n // 2]], syn_y[s][si[:n - n // 2]]])),
+                'real + synthetic (added)': (np.concatenate([real_X[ri[:n]], syn_X[s][si[:n]]]), np.concatenate([real_y[ri[:n]], syn_y[s][si[:n]]]))}
         for arm, (X, y) in arms.items():
             p = fit_linear_head(X, y, s).predict(test_X)
             row = {'arm': arm, 'seed': s, 'n_train': len(y), 'accuracy': float((p == test_y).mean()), 'balanced_accuracy': _balacc(test_y, p)}

@@ -627,7 +627,9 @@ test_eq(unk, ['sparkly dots']); assert 'known:' in str(w[-1].message) and 'a blu
 # - **real-only**: `n` ISIC 2019 training images drawn at random (the natural class mix);
 # - **synthetic-only**: `n` generated images, class-balanced, each prompted with the concept-rich caption of a random
 #   training image of its class (so the concepts follow each class's real distribution);
-# - **real + synthetic**: `n/2` of each.
+# - **real + synthetic**: `n/2` of each (the equal-count arm the targets are judged on);
+# - **real + synthetic (added)**: the `n` real images of real-only plus `n` synthetic ones, `2n` in all: how
+#   synthetic images are used as augmentation in practice. It is reported beside the equal-count arm, not instead of it.
 #
 # Every arm is scored on the same real ISIC 2019 test split. Seeds change the real draw, the prompts and noise, and
 # the classifier's solver.
@@ -723,7 +725,8 @@ def classifier_arms(real_X:np.ndarray, # features of the real training pool
         ri = rng.permutation(len(real_X)); si = rng.permutation(len(syn_X[s]))
         arms = {'real-only': (real_X[ri[:n]], real_y[ri[:n]]), 'synthetic-only': (syn_X[s][si[:n]], syn_y[s][si[:n]]),
                 'real + synthetic': (np.concatenate([real_X[ri[:n // 2]], syn_X[s][si[:n - n // 2]]]),
-                                     np.concatenate([real_y[ri[:n // 2]], syn_y[s][si[:n - n // 2]]]))}
+                                     np.concatenate([real_y[ri[:n // 2]], syn_y[s][si[:n - n // 2]]])),
+                'real + synthetic (added)': (np.concatenate([real_X[ri[:n]], syn_X[s][si[:n]]]), np.concatenate([real_y[ri[:n]], syn_y[s][si[:n]]]))}
         for arm, (X, y) in arms.items():
             p = fit_linear_head(X, y, s).predict(test_X)
             row = {'arm': arm, 'seed': s, 'n_train': len(y), 'accuracy': float((p == test_y).mean()), 'balanced_accuracy': _balacc(test_y, p)}
@@ -743,7 +746,8 @@ Xr, yr = g_.normal(size=(120, 6)), np.repeat(np.arange(3), 40); Xr[:, 0] += yr *
 Xs = {s: Xr + g_.normal(size=Xr.shape) * .1 for s in (0, 1)}; ys = {s: yr for s in (0, 1)}
 grp = pd.DataFrame({'sex': ['male', 'female'] * 60})
 arms_ = classifier_arms(Xr, yr, Xs, ys, Xr, yr, grp, n=60, seeds=(0, 1))
-test_eq(sorted(arms_.arm.unique()), ['real + synthetic', 'real-only', 'synthetic-only']); test_eq(len(arms_), 6)
+test_eq(sorted(arms_.arm.unique()), ['real + synthetic', 'real + synthetic (added)', 'real-only', 'synthetic-only']); test_eq(len(arms_), 8)
+test_eq(arms_.groupby('arm').n_train.first().to_dict(), {'real + synthetic': 60, 'real + synthetic (added)': 120, 'real-only': 60, 'synthetic-only': 60})
 assert (arms_.balanced_accuracy > .6).all() and {'worst sex', 'worst sex group', 'worst subgroup'} <= set(arms_.columns)
 
 

@@ -243,8 +243,10 @@ def _lesiongen_arms(d):
     f = lambda a, c: f"{t.loc[a, c + ' mean']:.3f} ± {t.loc[a, c + ' std']:.3f}"
     ratio = t.loc['synthetic-only', 'balanced_accuracy mean'] / t.loc['real-only', 'balanced_accuracy mean']
     return (f"balanced acc: real {f('real-only', 'balanced_accuracy')}, synthetic {f('synthetic-only', 'balanced_accuracy')} "
-            f"({ratio:.0%} of real), real+syn {f('real + synthetic', 'balanced_accuracy')}; worst subgroup: real "
-            f"{f('real-only', 'worst subgroup')}, real+syn {f('real + synthetic', 'worst subgroup')}",
+            f"({ratio:.0%} of real), real+syn (equal count) {f('real + synthetic', 'balanced_accuracy')}"
+            + (f", real+syn (added, 2n) {f('real + synthetic (added)', 'balanced_accuracy')}" if 'real + synthetic (added)' in t.index else '')
+            + f"; worst subgroup: real {f('real-only', 'worst subgroup')}, real+syn {f('real + synthetic', 'worst subgroup')}"
+            + (f", added {f('real + synthetic (added)', 'worst subgroup')}" if 'real + synthetic (added)' in t.index else ''),
             f"ISIC 2019 test, n = {int(t['n_test'].iloc[0])}; {int(t['n_train'].iloc[0])} training images per arm, {int(t['seeds'].iloc[0])} seeds")
 
 def _lesiongen_faith(d):
@@ -263,9 +265,12 @@ def _skindualgen(d):
             f"{k.loc[f10, 'accuracy std']:.3f}, macro F1 {k.loc[f10, 'macro_f1 mean']:+.3f}",
             f"ISIC 2018 test; {int(c['n'].iloc[0])} pairs per model; 3 seeds per arm")
 
-def _not_built(issue):
-    def f(d): raise NotImplementedError(f'not built yet (issue {issue})')
-    return f
+def _cpde(d):
+    t = _csv(d, 'comparison').set_index('method'); a, c = t.loc['Asyrp'], t.loc['CPDE']
+    return (f"FID {c.fid:.1f} vs Asyrp {a.fid:.1f}, S_dir {c.s_dir:.3f} vs {a.s_dir:.3f}, NS-LPIPS {c.ns_lpips:.3f} vs "
+            f"{a.ns_lpips:.3f}; segmentation consistency Dice {c.seg_dice:.3f}; 'add' detection {c.add_detected_before:.2f} → "
+            f"{c.add_detected_after:.2f}", f"PH2 + Derm7pt test, n = {int(c.n)} edits per method; masks: {c.masks}; FID vs the unedited originals")
+
 
 
 # %%
@@ -281,7 +286,7 @@ CLAIMS = [
           '(no public numbers; our targets: synthetic ≥ 80% of real, real+syn ≥ real)', 'lesiongen', _lesiongen_arms),
     Claim('LesionGen', 'concept-rich captions beat label-only captions', 'better concept faithfulness and FID (ablation)', 'lesiongen', _lesiongen_faith),
     Claim('CPDE', 'CPDE beats Asyrp on FID, S_dir and NS-LPIPS', 'FID 0.274 vs 0.482, S_dir 0.486 vs 0.452, NS-LPIPS 0.012 vs 0.151',
-          'cpde', _not_built(14)),
+          'cpde', _cpde),
     Claim('SkinDualGen', 'synthetic image+mask pairs improve classifiers and segmenters', '+8% to +15% accuracy/F1, better Dice/IoU',
           'skindualgen', _skindualgen),
 ]
@@ -296,7 +301,6 @@ def results_table(figures_dir:str|Path='figures' # the figures folder (committed
     for c in CLAIMS:
         try: ours, data = c.ours(Path(figures_dir)/c.figure)
         except FileNotFoundError: ours, data = f'figure `{c.figure}` not run yet', ''
-        except NotImplementedError as e: ours, data = str(e), ''
         rows.append({'method': c.method, 'claim': c.claim, 'paper': c.paper, 'ours': ours, 'data, n': data,
                      'source': f'figures/{c.figure}/'})
     return pd.DataFrame(rows)
@@ -322,7 +326,12 @@ with tempfile.TemporaryDirectory() as d:
                   'dice': [.5, .7, .9], 'n': [200] * 3}).to_csv(d/'diffseg'/'comparison.csv', index=False)
     t = results_table(d).set_index('claim')
     test_eq(t.iloc[0].ours, 'DiffSeg + CRF 0.500, Otsu 0.700, U-Net (supervised) 0.900'); test_eq(t.iloc[0]['data, n'], 'ISIC 2018 test, n = 200')
-    assert t.iloc[3].ours.startswith('figure `backbone` not run yet') and 'not built yet (issue 14)' in t.loc['CPDE beats Asyrp on FID, S_dir and NS-LPIPS'].ours
+    assert t.iloc[3].ours.startswith('figure `backbone` not run yet') and t.loc['CPDE beats Asyrp on FID, S_dir and NS-LPIPS'].ours.startswith('figure `cpde` not run yet')
+    (d/'cpde').mkdir()
+    pd.DataFrame({'method': ['Asyrp', 'CPDE'], 'fid': [20., 10.], 's_dir': [.1, .2], 'ns_lpips': [.3, .01], 'seg_dice': [.8, .95], 'n': [40, 40],
+                  'add_detected_before': [.1, .1], 'add_detected_after': [.2, .4], 'masks': ['ground truth'] * 2}).to_csv(d/'cpde'/'comparison.csv', index=False)
+    cp = results_table(d).set_index('claim').loc['CPDE beats Asyrp on FID, S_dir and NS-LPIPS']
+    assert cp.ours.startswith('FID 10.0 vs Asyrp 20.0') and '0.10 → 0.40' in cp.ours and 'n = 40' in cp['data, n']
     md = results_markdown(d); assert md.startswith('| method |') and '[DiffSeg](figures/diffseg/)' in md
 print(results_markdown(project_root()/'figures'))
 

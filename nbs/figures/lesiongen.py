@@ -135,7 +135,7 @@ arms = classifier_arms(real_X, real_y, syn_X, syn_y, test_X, test_y, groups, n=S
 out.csv(arms, 'classifier_arms')
 summary = arms.groupby('arm', sort=False)[['accuracy', 'balanced_accuracy', 'worst subgroup']].agg(['mean', 'std'])
 summary.columns = [' '.join(c) for c in summary.columns]; summary = summary.reset_index()
-summary['n_train'] = S['n_arm']; summary['n_test'] = len(test_y); summary['seeds'] = len(S['seeds'])
+summary['n_train'] = arms.groupby('arm', sort=False).n_train.first().values; summary['n_test'] = len(test_y); summary['seeds'] = len(S['seeds'])
 out.csv(summary, 'classifier_summary')
 fig, axs = plt.subplots(1, 2, figsize=(10, 3.4))
 for ax, mcol in zip(axs, ('balanced_accuracy', 'worst subgroup')):
