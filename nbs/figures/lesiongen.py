@@ -148,7 +148,7 @@ summary.round(3)
 # Worst subgroup per attribute (mean over seeds), and which group it is.
 
 # %%
-wcols = [c for c in arms.columns if c.startswith('worst ') and not c.endswith('group') and c != 'worst subgroup']
+wcols = [f'worst {a}' for a in groups.columns if f'worst {a}' in arms.columns]   # one per attribute ('age group' ends in 'group' too)
 worst = arms.groupby('arm', sort=False)[wcols].mean().round(3)
 for c in wcols: worst[c + ' group'] = arms.groupby('arm', sort=False)[c + ' group'].agg(lambda s: s.mode().iloc[0])
 out.csv(worst.reset_index(), 'worst_subgroups'); worst
