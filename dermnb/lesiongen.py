@@ -457,10 +457,9 @@ def classifier_arms(real_X:np.ndarray, # features of the real training pool
     for s in seeds:
         rng = np.random.default_rng(s)
         ri = rng.permutation(len(real_X)); si = rng.permutation(len(syn_X[s]))
-        arms = {'real-only': (real_X[ri[:n]], real_y[ri[:n]]), 'synthetic-only': (syn_X[s][si[:n]], syn_y[s][si[:n]]),
-                'real + synthetic': (np.concatenate([real_X[ri[:n // 2]], syn_X[s][si[:n - n // 2]]]),
-                                     np.concatenate([real_y[ri[:n // 2]], syn_y[s][si[:n - n // 2]]])),
-                'real + synthetic (added)': (np.concatenate([real_X[ri[:n]], syn_X[s][si[:n]]]), np.concatenate([real_y[ri[:n]], syn_y[s][si[:n]]]))}
+        real, syn = (real_X[ri[:n]], real_y[ri[:n]]), (syn_X[s][si[:n]], syn_y[s][si[:n]])
+        mix = lambda k: tuple(np.concatenate([r[:k], q[:n - k] if k < n else q]) for r, q in zip(real, syn))
+        arms = {'real-only': real, 'synthetic-only': syn, 'real + synthetic': mix(n // 2), 'real + synthetic (added)': mix(n)}
         for arm, (X, y) in arms.items():
             p = fit_linear_head(X, y, s).predict(test_X)
             row = {'arm': arm, 'seed': s, 'n_train': len(y), 'accuracy': float((p == test_y).mean()), 'balanced_accuracy': _balacc(test_y, p)}

@@ -243,10 +243,9 @@ def _lesiongen_arms(d):
     f = lambda a, c: f"{t.loc[a, c + ' mean']:.3f} ± {t.loc[a, c + ' std']:.3f}"
     ratio = t.loc['synthetic-only', 'balanced_accuracy mean'] / t.loc['real-only', 'balanced_accuracy mean']
     return (f"balanced acc: real {f('real-only', 'balanced_accuracy')}, synthetic {f('synthetic-only', 'balanced_accuracy')} "
-            f"({ratio:.0%} of real), real+syn (equal count) {f('real + synthetic', 'balanced_accuracy')}"
-            + (f", real+syn (added, 2n) {f('real + synthetic (added)', 'balanced_accuracy')}" if 'real + synthetic (added)' in t.index else '')
-            + f"; worst subgroup: real {f('real-only', 'worst subgroup')}, real+syn {f('real + synthetic', 'worst subgroup')}"
-            + (f", added {f('real + synthetic (added)', 'worst subgroup')}" if 'real + synthetic (added)' in t.index else ''),
+            f"({ratio:.0%} of real), real+syn (equal count) {f('real + synthetic', 'balanced_accuracy')}, real+syn (added, 2n) "
+            f"{f('real + synthetic (added)', 'balanced_accuracy')}; worst subgroup: real {f('real-only', 'worst subgroup')}, "
+            f"real+syn {f('real + synthetic', 'worst subgroup')}, added {f('real + synthetic (added)', 'worst subgroup')}",
             f"ISIC 2019 test, n = {int(t['n_test'].iloc[0])}; {int(t['n_train'].iloc[0])} training images per arm, {int(t['seeds'].iloc[0])} seeds")
 
 def _lesiongen_faith(d):
@@ -270,8 +269,6 @@ def _cpde(d):
     return (f"FID {c.fid:.1f} vs Asyrp {a.fid:.1f}, S_dir {c.s_dir:.3f} vs {a.s_dir:.3f}, NS-LPIPS {c.ns_lpips:.3f} vs "
             f"{a.ns_lpips:.3f}; segmentation consistency Dice {c.seg_dice:.3f}; 'add' detection {c.add_detected_before:.2f} → "
             f"{c.add_detected_after:.2f}", f"PH2 + Derm7pt test, n = {int(c.n)} edits per method; masks: {c.masks}; FID vs the unedited originals")
-
-
 
 # %%
 #| export
