@@ -22,9 +22,9 @@ from .pretrained import minilm_dir
 __all__ = ['TEXT_ENCODERS', 'UNET_LORA_TARGETS', 'TEXT_LORA_TARGETS', 'LORA_FILE', 'SD_DEFAULT_MODEL', 'TAEBlock', 'tae_encoder',
            'tae_decoder', 'TinyAE', 'LatentAE', 'taef2_dir', 'load_taef2', 'recon_psnr', 'DualTinyAE', 'load_sd_vae',
            'make_unet', 'make_scheduler', 'widen_unet_io', 'cond_kwargs', 'unet_eps', 'to_eps', 'predict_noise_multi',
-           'guided_eps', 'ddim_sample', 'ddim_invert', 'HSpaceHook', 'hspace_hook', 'TextEncoder', 'load_minilm',
-           'load_text_encoder', 'add_lora', 'save_lora', 'load_lora', 'tiny_clip_tokenizer', 'tiny_sd_pipeline',
-           'sd_model_id', 'load_sd_pipeline', 'Backbone', 'load_ae']
+           'guided_eps', 'ddim_sample', 'ddim_invert', 'ddim_translate', 'HSpaceHook', 'hspace_hook', 'TextEncoder',
+           'load_minilm', 'load_text_encoder', 'add_lora', 'save_lora', 'load_lora', 'tiny_clip_tokenizer',
+           'tiny_sd_pipeline', 'sd_model_id', 'load_sd_pipeline', 'Backbone', 'load_ae']
 
 # %% ../nbs/03_diffusion.ipynb #d765c3c2
 def _conv3(n_in, n_out, **kw): return nn.Conv2d(n_in, n_out, 3, padding=1, **kw)
@@ -386,6 +386,43 @@ def ddim_invert(unet:nn.Module, # a diffusers UNet
             x = inv.step(guided_eps(unet, x, t, cond, uncond, guidance_scale), t, x).prev_sample
             traj.append(x)
     return (x, traj[::-1]) if return_trajectory else x
+
+# %% ../nbs/03_diffusion.ipynb #54a96e83
+def _ddim_move(x, eps, a, a_next):
+    "One deterministic DDIM move from noise level a to a_next (ᾱ values, broadcastable) for the prediction eps."
+    return a_next.sqrt() * (x - (1 - a).sqrt() * eps) / a.sqrt() + (1 - a_next).sqrt() * eps
+
+def ddim_translate(unet:nn.Module, # a diffusers UNet
+                   scheduler, # the model's scheduler (alphas_cumprod, prediction_type)
+                   x0:torch.Tensor, # clean samples in the UNet's space (B,C,H,W)
+                   t_star:int|torch.Tensor, # strength: the step to invert to, scalar or per sample (B,)
+                   source=None, # condition of the inversion (the image's own; None = unconditional)
+                   target=None, # condition to sample back under
+                   uncond=None, # null condition for guidance on the way back
+                   guidance_scale:float=1., # guidance weight w of the target (1 = none)
+                   steps:int=10, # DDIM steps each way
+                   grad:bool=False # keep the autograd graph
+                  )->torch.Tensor:
+    "Invert x0 with DDIM to t* under `source`, then sample back to t = 0 under `target` (guided): the translation."
+    device, dtype = _model_device(unet)
+    x = x0.to(device, dtype); B = x.shape[0]
+    ts_ = torch.as_tensor(t_star, device=device).long(); ts_ = ts_.expand(B) if ts_.ndim == 0 else ts_
+    if ((ts_ < 0) | (ts_ >= len(scheduler.alphas_cumprod))).any(): raise DermnbError(f"t_star must lie in [0, {len(scheduler.alphas_cumprod) - 1}]")
+    grid = (ts_[None].double() * torch.linspace(0, 1, steps + 1, device=device, dtype=torch.float64)[:, None]).round().long()   # (steps+1, B)
+    ab = scheduler.alphas_cumprod.to(device, dtype)
+    a_ = lambda i: ab[grid[i]].view(-1, *[1] * (x.ndim - 1))
+    guided = uncond is not None and guidance_scale != 1
+    with torch.set_grad_enabled(grad):
+        for i in range(steps):
+            e = to_eps(unet_eps(unet, x, grid[i], source), x, grid[i], scheduler)
+            x = _ddim_move(x, e, a_(i), a_(i + 1))
+        for i in reversed(range(steps)):
+            if guided:
+                e_c, e_u = predict_noise_multi(unet, x, grid[i + 1], [target, uncond], scheduler=scheduler)
+                e = e_u + guidance_scale * (e_c - e_u)
+            else: e = to_eps(unet_eps(unet, x, grid[i + 1], target), x, grid[i + 1], scheduler)
+            x = _ddim_move(x, e, a_(i + 1), a_(i))
+    return x
 
 # %% ../nbs/03_diffusion.ipynb #a99df71a
 class HSpaceHook:

@@ -147,7 +147,7 @@ def _diffseg_dice(d, dataset):
     t = _csv(d, 'comparison'); t = t[t.dataset == dataset].set_index('method')
     if t.empty: raise FileNotFoundError(f"{d}/comparison.csv has no rows for {dataset}")
     get = lambda m: f"{t.loc[m, 'dice']:.3f}" if m in t.index else 'n/a'
-    rows = [m for m in ('DiffSeg + CRF', 'diffseg-distilled', 'colour baseline', 'Otsu', 'U-Net (supervised)') if m in t.index]
+    rows = [m for m in ('DiffSeg + CRF', 'DiffSeg translation + CRF', 'diffseg-distilled', 'colour baseline', 'Otsu', 'U-Net (supervised)') if m in t.index]
     return ', '.join(f"{m} {get(m)}" for m in rows), f"{dataset}, n = {int(t['n'].iloc[0])}"
 
 def _diffseg_unc(d):

@@ -157,7 +157,7 @@ def cmd_eval_fid(args # parsed arguments: dir_a, dir_b, device, json
 # %% [markdown]
 # ## Segmentation
 #
-# `dermnb segment --method diffseg|diffseg-distilled|colour|unet|otsu --images DIR --out DIR` writes
+# `dermnb segment --method diffseg|diffseg-translation|diffseg-distilled|colour|unet|otsu --images DIR --out DIR` writes
 # `<stem>_segmentation.png` (0/255, the input size; ISIC names stay ISIC names) for every image, readable by
 # `dermnb eval seg`. Models are trained and cached on the data root the first time they are needed, with progress
 # shown. `--uncertainty` (DiffSeg and its distilled student) adds the ambiguity maps and `uncertainty.csv`, the
@@ -165,13 +165,13 @@ def cmd_eval_fid(args # parsed arguments: dir_a, dir_b, device, json
 
 # %%
 #| export
-SEGMENT_METHODS = ('diffseg', 'diffseg-distilled', 'colour', 'unet', 'otsu')
+SEGMENT_METHODS = ('diffseg', 'diffseg-translation', 'diffseg-distilled', 'colour', 'unet', 'otsu')
 
 def cmd_segment(args # parsed arguments: method, images, out, profile, root, device, crf, uncertainty
                )->int:
     "Segment a folder of images with DiffSeg, its distilled student, the colour or Otsu baseline, or the U-Net."
     from dermnb.diffseg import (segment_folder, otsu_method, colour_method, unet_method, load_diffseg, diffseg_method,
-                                load_distilled, distilled_method)
+                                load_distilled, distilled_method, load_translation)
     if args.method == 'otsu': fn = otsu_method
     elif args.method == 'colour': fn = colour_method
     elif args.method == 'unet':
@@ -181,11 +181,14 @@ def cmd_segment(args # parsed arguments: method, images, out, profile, root, dev
     elif args.method == 'diffseg-distilled':
         print('loading diffseg-distilled (DiffSeg and its student are trained and cached on first use) ...', file=sys.stderr)
         fn = distilled_method(load_distilled(args.profile, args.root, args.device))
+    elif args.method == 'diffseg-translation':
+        print('loading the DiffSeg translation variant (trained and calibrated on first use) ...', file=sys.stderr)
+        fn = diffseg_method(load_translation(args.profile, args.root, args.device), crf=args.crf)
     else:
         print('loading DiffSeg (trained and calibrated on first use) ...', file=sys.stderr)
         fn = diffseg_method(load_diffseg(args.profile, args.root, args.device), crf=args.crf)
-    unc = args.uncertainty and args.method in ('diffseg', 'diffseg-distilled')
-    if args.uncertainty and not unc: print('note: --uncertainty applies to diffseg and diffseg-distilled only', file=sys.stderr)
+    unc = args.uncertainty and args.method.startswith('diffseg')
+    if args.uncertainty and not unc: print('note: --uncertainty applies to the diffseg methods only', file=sys.stderr)
     tab = segment_folder(fn, args.images, args.out, uncertainty=unc)
     print(f'segment: {len(tab)} masks written to {args.out}')
     return 0
@@ -374,7 +377,7 @@ def build_parser()->argparse.ArgumentParser:
     g.add_argument('--images', required=True, help='input image folder'); g.add_argument('--out', required=True, help='output folder')
     g.add_argument('--profile', choices=sorted(PROFILES), default='quick'); g.add_argument('--root', help='data root for training (default $DERMNB_DATA)')
     g.add_argument('--device', default='auto')
-    g.add_argument('--crf', action=argparse.BooleanOptionalAction, default=True, help='DenseCRF refinement (diffseg)')
+    g.add_argument('--crf', action=argparse.BooleanOptionalAction, default=True, help='DenseCRF refinement (diffseg, diffseg-translation)')
     g.add_argument('--uncertainty', action='store_true', help='also write ambiguity maps and uncertainty.csv (diffseg, diffseg-distilled)')
     g.set_defaults(fn=cmd_segment)
 

@@ -10,7 +10,7 @@
 #
 # | method | status | what it does |
 # |---|---|---|
-# | **DiffSeg** | built (`06_diffseg`); below its paper, see the results | weakly supervised lesion segmentation from the signed difference of predictions under "lesion" and "healthy skin" (shortcut-free weak labels, noise band and thresholds chosen on the training split), with multiple outputs, GED uncertainty, a guarded DenseCRF, and `diffseg-distilled`, a U-Net trained on DiffSeg's consistent regions |
+# | **DiffSeg** | built (`06_diffseg`); below its paper, see the results | weakly supervised lesion segmentation from the signed difference of predictions under "lesion" and "healthy skin" (shortcut-free weak labels, noise band and thresholds chosen on the training split), with multiple outputs, GED uncertainty, a guarded DenseCRF, the Wolleb-style translation variant (`diffseg-translation`: DDIM-invert under "lesion", sample back under "healthy skin"), and `diffseg-distilled`, a U-Net trained on the consistent regions of whichever variant is better on the training split |
 # | **LesionGen** | built (`07_lesiongen`); see the results for where it falls short | concept-rich captions with provenance (expert, crowd, a concept classifier, measured morphology), text-to-image LoRA on the shared base, classifiers trained on synthetic images |
 # | **CPDE** | built (`08_cpde`); see the results | context-preserving attribute editing in h-space (Asyrp-style) with one learned semantic module (SCT), mask-guided dual-branch training and background blending; Asyrp and DiffusionCLIP-style baselines |
 # | **SkinDualGen** | built (`09_skindualgen`); see the results | one latent diffusion model (the base, widened by mask latents, LoRA) that generates an image and its lesion mask in one pass |
@@ -72,7 +72,7 @@
 # dermnb figures [NAME ...] --profile quick|full [--out figures/]
 # dermnb eval seg --pred DIR --gt DIR [--json] [--csv F]   # Dice, Jaccard, thresholded Jaccard, ...
 # dermnb eval fid DIR_A DIR_B [--json]                      # FID and KID on the standard Inception
-# dermnb segment --method diffseg|diffseg-distilled|colour|unet|otsu --images DIR --out DIR [--crf/--no-crf] [--uncertainty]
+# dermnb segment --method diffseg|diffseg-translation|diffseg-distilled|colour|unet|otsu --images DIR --out DIR [--crf/--no-crf] [--uncertainty]
 # dermnb caption --dataset NAME|all --out FILE.jsonl           # concept-rich captions with provenance
 # dermnb generate --method lesiongen --prompt TEXT --n N --out DIR [--seed S] [--guidance G] [--steps K]
 # dermnb generate --method skindualgen --prompt TEXT --n N --out DIR   # SYN_xxxxxx.jpg + SYN_xxxxxx_segmentation.png pairs

@@ -25,7 +25,8 @@ from dermnb.segmenter import load_segmenter, SegmenterConfig
 from dermnb.diffseg import (DiffSeg, DiffSegConfig, DIFFSEG_V1, load_diffseg_backbone, load_diffseg, load_distilled, calibrate,
                             evaluate_diffseg, evaluate_method, comparison_table, uncertainty_error_correlation, otsu_method,
                             colour_method, unet_method, distilled_method, plot_difference, plot_steps, plot_consistency,
-                            plot_table, healthy_tile, skin_corners, diffusion_difference, T_BAND)
+                            plot_table, healthy_tile, skin_corners, diffusion_difference, T_BAND, load_translation, load_teacher,
+                            train_split_dice)
 from dermnb.core import load_image, load_mask
 from dermnb.metrics import seg_metrics
 out = figure_setup(profile, data_root, seed, device, out_dir)
@@ -91,6 +92,28 @@ timed('calibration', t0)
 print('chosen:', {k: v for k, v in ds.cfg.to_dict().items() if k in ('timesteps', 'scale', 'min_evidence', 'threshold', 'crf_clip', 'crf')})
 
 # %% [markdown]
+# ## The translation variant (Wolleb et al.), chosen or not on the training split
+#
+# The same model and weak data; each output is the image DDIM-inverted under "lesion" to a strength t*, translated
+# back under "healthy skin" with guidance, minus the image (luminance). It is calibrated by the same rules on the same
+# training images. Its guidance is chosen among `TRANSLATION_GUIDANCES` by the training-split Dice of the calibration
+# (`load_translation`); the student below learns from whichever variant scores higher on the training split
+# (`load_teacher`).
+
+# %%
+t0 = time.time()
+ds_tr = load_translation(profile, root, device)
+teacher = load_teacher(profile, root, device); teacher_name = teacher.variant
+variants = pd.DataFrame([{'variant': 'difference (the paper)', 'guidance': ds.cfg.guidance, 'timesteps': str(ds.cfg.timesteps),
+                          'outputs': len(ds.cfg.timesteps) * len(ds.cfg.seeds), 'train_split_dice_fused': train_split_dice(ds)}] +
+                        [{'variant': 'translation (Wolleb)', 'guidance': w, 'timesteps': str(d.cfg.timesteps), 'outputs': len(d.cfg.timesteps),
+                          'train_split_dice_fused': train_split_dice(d)} for w, d in ds_tr.candidates.items()])
+variants['kept'] = [True] + [d is ds_tr for d in ds_tr.candidates.values()]
+variants['teacher of the student'] = [teacher_name == 'difference'] + [teacher_name == 'translation' and d is ds_tr for d in ds_tr.candidates.values()]
+out.csv(variants, 'variants'); timed('translation variant (calibration)', t0)
+variants
+
+# %% [markdown]
 # ## No evidence, no lesion: healthy-skin tiles of test images
 #
 # An image of healthy skin should give a (near) empty mask. The tiles here come from ISIC 2018 *test* images (the
@@ -129,11 +152,11 @@ out.png(plot_consistency(ds, test_eval[7:11]), 'fig45_consistency')
 # ## The distilled student (`diffseg-distilled`)
 #
 # Trained on DiffSeg's pseudo-labels of the training split (consistent lesion = 1, consistent skin = 0, ambiguous
-# ignored); no mask is read.
+# ignored); no mask is read. The teacher is the variant with the higher training-split Dice (table above).
 
 # %%
-t0 = time.time(); student = load_distilled(profile, root, device, ds=ds); timed('pseudo-labels + train student', t0)
-out.csv(pd.DataFrame([student.pseudo_stats]), 'pseudo_labels')
+t0 = time.time(); student = load_distilled(profile, root, device, ds=teacher); timed('pseudo-labels + train student', t0)
+out.csv(pd.DataFrame([{'teacher': teacher_name, **student.pseudo_stats}]), 'pseudo_labels')
 pd.DataFrame([student.pseudo_stats])
 
 # %% [markdown]
@@ -144,6 +167,7 @@ t0 = time.time()
 per_image = []
 for name, recs in (('ISIC 2018 test', test_eval), ('PH2 (external)', ph2_eval)):
     per_image.append(evaluate_diffseg(ds, recs, name))
+    per_image.append(evaluate_diffseg(ds_tr, recs, name, prefix='DiffSeg translation'))
     per_image.append(evaluate_method(distilled_method(student), 'diffseg-distilled', recs, name))
     per_image.append(evaluate_method(colour_method, 'colour baseline', recs, name))
     per_image.append(evaluate_method(otsu_method, 'Otsu', recs, name))
@@ -186,7 +210,9 @@ fin = table.set_index(['dataset', 'method'])
 for dname in ('ISIC 2018 test', 'PH2 (external)'):
     abl.append({'step': '5. + CRF guard (clipped unary, area-change rejection)', 'dataset': dname, 'n': int(fin.loc[(dname, 'DiffSeg'), 'n']),
                 'dice_fused': fin.loc[(dname, 'DiffSeg'), 'dice'], 'dice_crf': fin.loc[(dname, 'DiffSeg + CRF'), 'dice']})
-    abl.append({'step': '6. + distilled student (diffseg-distilled)', 'dataset': dname, 'n': int(fin.loc[(dname, 'diffseg-distilled'), 'n']),
+    abl.append({'step': '5b. translation variant (Wolleb), + CRF guard', 'dataset': dname, 'n': int(fin.loc[(dname, 'DiffSeg translation'), 'n']),
+                'dice_fused': fin.loc[(dname, 'DiffSeg translation'), 'dice'], 'dice_crf': fin.loc[(dname, 'DiffSeg translation + CRF'), 'dice']})
+    abl.append({'step': f'6. + distilled student (diffseg-distilled, teacher: {teacher_name})', 'dataset': dname, 'n': int(fin.loc[(dname, 'diffseg-distilled'), 'n']),
                 'dice_fused': fin.loc[(dname, 'diffseg-distilled'), 'dice'], 'dice_crf': np.nan})
 ablation = pd.DataFrame(abl).pivot(index='step', columns='dataset', values=['dice_fused', 'dice_crf', 'n'])
 ablation.columns = [f'{m} {d}' for m, d in ablation.columns]; ablation = ablation.reset_index()
@@ -199,10 +225,10 @@ ablation
 # ## Is the uncertainty meaningful? GED of the outputs vs error
 
 # %%
-corr = pd.concat([uncertainty_error_correlation(per_image, 'DiffSeg + CRF'), uncertainty_error_correlation(per_image, 'diffseg-distilled')],
+corr = pd.concat([uncertainty_error_correlation(per_image, m) for m in ('DiffSeg + CRF', 'DiffSeg translation + CRF', 'diffseg-distilled')],
                  ignore_index=True)
 out.csv(corr, 'uncertainty_correlation')
-d = per_image[per_image.method.isin(['DiffSeg + CRF', 'diffseg-distilled'])].assign(error=lambda x: 1 - x.dice)
+d = per_image[per_image.method.isin(['DiffSeg + CRF', 'DiffSeg translation + CRF', 'diffseg-distilled'])].assign(error=lambda x: 1 - x.dice)
 g = sns.lmplot(d, x='uncertainty', y='error', col='dataset', row='method', height=3, scatter_kws={'s': 10, 'alpha': .5})
 for (mname, dname), ax in g.axes_dict.items():
     r = corr[(corr.method == mname) & (corr.dataset == dname)].iloc[0]
