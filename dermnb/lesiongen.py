@@ -179,8 +179,12 @@ def load_concept_classifier(cfg:ConceptClassifierConfig=ConceptClassifierConfig(
                            )->ConceptClassifier:
     "The trained concept classifier of a config, from the cache or trained on a miss."
     import pickle
-    def build(d): atomic_save(d/'classifier.pkl', lambda t: t.write_bytes(pickle.dumps(train_concept_classifier(cfg, root))))
-    return pickle.loads((cached_dir('concept-classifier', cfg, build)/'classifier.pkl').read_bytes())
+    def build(d):
+        c = train_concept_classifier(cfg, root)
+        state = {'heads': c.heads, 'reduce': c.reduce, 'thresholds': c.thresholds}   # sklearn parts only: no dermnb class
+        atomic_save(d/'classifier.pkl', lambda t: t.write_bytes(pickle.dumps(state)))
+    state = pickle.loads((cached_dir('concept-classifier-v2', cfg, build)/'classifier.pkl').read_bytes())
+    return ConceptClassifier(cfg, state['heads'], state['reduce'], state['thresholds'])
 
 # %% ../nbs/07_lesiongen.ipynb #769d76ca
 def concept_classifier_table(clf:ConceptClassifier, # a trained concept classifier

@@ -258,8 +258,9 @@ def train_concept_classifier(cfg:ConceptClassifierConfig=ConceptClassifierConfig
 
 
 # %% [markdown]
-# The classifier is cached by its config (a pickle of the fitted heads next to the config), so captions, prompts and
-# the figure all use one.
+# The classifier is cached by its config (a pickle of the fitted sklearn heads and thresholds next to the config), so
+# captions, prompts and the figure all use one. The pickle holds no dermnb class: a classifier trained while this
+# notebook runs (its classes then live in `__main__`) must load in the package too.
 
 # %%
 #| export
@@ -268,8 +269,12 @@ def load_concept_classifier(cfg:ConceptClassifierConfig=ConceptClassifierConfig(
                            )->ConceptClassifier:
     "The trained concept classifier of a config, from the cache or trained on a miss."
     import pickle
-    def build(d): atomic_save(d/'classifier.pkl', lambda t: t.write_bytes(pickle.dumps(train_concept_classifier(cfg, root))))
-    return pickle.loads((cached_dir('concept-classifier', cfg, build)/'classifier.pkl').read_bytes())
+    def build(d):
+        c = train_concept_classifier(cfg, root)
+        state = {'heads': c.heads, 'reduce': c.reduce, 'thresholds': c.thresholds}   # sklearn parts only: no dermnb class
+        atomic_save(d/'classifier.pkl', lambda t: t.write_bytes(pickle.dumps(state)))
+    state = pickle.loads((cached_dir('concept-classifier-v2', cfg, build)/'classifier.pkl').read_bytes())
+    return ConceptClassifier(cfg, state['heads'], state['reduce'], state['thresholds'])
 
 
 # %% [markdown]
@@ -299,6 +304,9 @@ ctab = concept_classifier_table(clf, ROOT)
 print(ctab.round(3).to_string())
 assert (ctab.auroc > .6).all(), ctab                                   # better than chance on every concept
 assert ctab.set_index('concept').loc['blue_whitish_veil', 'auroc'] > .75
+from dermnb.core import cached_dir as _cd
+_pk = (_cd('concept-classifier-v2', clf.cfg, None)/'classifier.pkl').read_bytes()
+assert b'__main__' not in _pk and b'dermnb' not in _pk                 # loadable outside this notebook
 
 # %% [markdown]
 # ## The caption dataset

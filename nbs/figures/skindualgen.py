@@ -125,6 +125,9 @@ lap('segmentation augmentation'); gsum.round(4)
 
 # %% [markdown]
 # ## Classification augmentation: melanoma / nevus / seborrheic keratosis
+#
+# Each seed draws its own real subset and its own class-balanced synthetic images (from a pool of twice as many), so
+# the spread covers the synthetic draw too; at 100% the real set is the same for every seed and only that draw varies.
 
 # %%
 lab = {'melanoma': 0, 'nevus': 1, 'benign_keratosis': 2}
@@ -135,14 +138,16 @@ ytr, yte = np.array([lab[r.diagnosis] for r in tr]), np.array([lab[r.diagnosis] 
 cls_prompts = {c: [r['caption'] for r in train_rows if r['diagnosis'] == d] for d, c in
                (('melanoma', 0), ('nevus', 1), ('benign_keratosis', 2))}
 per = S['n_cls_syn'] // 3
-cp = [p for c in range(3) for p in (cls_prompts[c] * 50)[:per]]; cy = np.repeat(np.arange(3), per)
+cp = [p for c in range(3) for p in (cls_prompts[c] * 50)[:2 * per]]; cy_pool = np.repeat(np.arange(3), 2 * per)
 ci, _ = generate_pairs(models['with shape loss'], cp, g, 20, seed + 200)
-cX = lite0_features(ci).numpy()
+cX_pool = lite0_features(ci).numpy()
 from sklearn.metrics import f1_score
 cls = []
 for f in S['fractions']:
     for s in S['seeds']:
         idx = np.random.default_rng(s).permutation(len(tr))[:int(round(f * len(tr)))]
+        pick = np.concatenate([np.random.default_rng(1000 + s).choice(np.flatnonzero(cy_pool == c), per, replace=False) for c in range(3)])
+        cX, cy = cX_pool[pick], cy_pool[pick]          # each seed its own synthetic draw (per class) from a pool of twice as many
         for arm, (X, y) in (('real only', (Xtr[idx], ytr[idx])), ('real + synthetic', (np.concatenate([Xtr[idx], cX]), np.concatenate([ytr[idx], cy])))):
             p = fit_linear_head(X, y, s).predict(Xte)
             bal = np.mean([(p[yte == c] == c).mean() for c in range(3)])
