@@ -40,9 +40,9 @@ class FigureOut:
         return save_figure(fig, self.dir/f'{name}.png')
 
     def csv(self, df:pd.DataFrame, name:str)->Path:
-        "Save a table as `<name>.csv`, with provenance columns appended."
+        "Save a table as `<name>.csv`, with provenance columns appended (`run_<key>` where the table has that column)."
         df = df.copy()
-        for k, v in self.prov.items(): df[k] = v
+        for k, v in self.prov.items(): df[f'run_{k}' if k in df.columns else k] = v   # never overwrite a measured column
         return atomic_save(self.dir/f'{name}.csv', lambda t: df.to_csv(t, index=False))
 
 # %% ../nbs/10_runner.ipynb #68181f64
@@ -187,8 +187,10 @@ def _lesiongen_faith(d):
 def _skindualgen(d):
     c = _csv(d, 'consistency').set_index('model'); g = _csv(d, 'augmentation_segmentation_gain').set_index('fraction')
     k = _csv(d, 'augmentation_classification_gain').set_index('fraction'); f10 = min(g.index)
+    judge = (f", the judge on real images {c.loc['real test images (ground truth)', 'dice_mean']:.3f}"
+             if 'real test images (ground truth)' in c.index else '')
     return (f"consistency Dice {c.loc['with shape loss', 'dice_mean']:.3f} (without the shape loss "
-            f"{c.loc['without shape loss', 'dice_mean']:.3f}); at {f10:.0%} real data: U-Net Dice gain "
+            f"{c.loc['without shape loss', 'dice_mean']:.3f}{judge}); at {f10:.0%} real data: U-Net Dice gain "
             f"{g.loc[f10, 'mean']:+.3f} ± {g.loc[f10, 'std']:.3f}, classifier accuracy gain {k.loc[f10, 'accuracy mean']:+.3f} ± "
             f"{k.loc[f10, 'accuracy std']:.3f}, macro F1 {k.loc[f10, 'macro_f1 mean']:+.3f}",
             f"ISIC 2018 test; {int(c['n'].iloc[0])} pairs per model; 3 seeds per arm")

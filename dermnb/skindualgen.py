@@ -219,12 +219,13 @@ def consistency(images:torch.Tensor, # generated images (N, 3, S, S) in [-1, 1]
                 masks:torch.Tensor, # generated masks (N, S, S) bool
                 net # a trained LesionUNet (`dermnb.segmenter.load_segmenter`)
                )->pd.DataFrame:
-    "Per pair: Dice of the U-Net's segmentation of the generated image against the generated mask, and the mask flag."
+    "Per pair: Dice of the U-Net's segmentation of the generated image against the generated mask, both areas, the flag."
     from dermnb.segmenter import predict_proba
     ims = [tensor_to_image(x) for x in images]
     rows = []
     for m, p in zip(masks.cpu().numpy(), predict_proba(net, ims)):
-        rows.append({'dice': seg_metrics(p > .5, m)['dice'], 'lesion_fraction': float(m.mean()), 'flag': mask_flag(m)})
+        rows.append({'dice': seg_metrics(p > .5, m)['dice'], 'lesion_fraction': float(m.mean()),
+                     'unet_fraction': float((p > .5).mean()), 'flag': mask_flag(m)})
     return pd.DataFrame(rows)
 
 # %% ../nbs/09_skindualgen.ipynb #5c18ace6

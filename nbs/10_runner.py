@@ -27,7 +27,9 @@ import matplotlib; matplotlib.use('Agg')
 #
 # A figure notebook stays thin: it takes its parameters, calls `dermnb`, and hands figures and tables to a
 # `FigureOut`. Every CSV it writes carries the profile, data root and seed it came from, so a number in a table can
-# always be traced to the run that measured it.
+# always be traced to the run that measured it. A table that has a column of the same name (the seed of each
+# classifier arm, say) keeps it, and the run's value goes to `run_<name>`: an earlier version overwrote the arms' seeds
+# with the figure's.
 
 # %%
 #| export
@@ -54,9 +56,9 @@ class FigureOut:
         return save_figure(fig, self.dir/f'{name}.png')
 
     def csv(self, df:pd.DataFrame, name:str)->Path:
-        "Save a table as `<name>.csv`, with provenance columns appended."
+        "Save a table as `<name>.csv`, with provenance columns appended (`run_<key>` where the table has that column)."
         df = df.copy()
-        for k, v in self.prov.items(): df[k] = v
+        for k, v in self.prov.items(): df[f'run_{k}' if k in df.columns else k] = v   # never overwrite a measured column
         return atomic_save(self.dir/f'{name}.csv', lambda t: df.to_csv(t, index=False))
 
 
@@ -67,6 +69,8 @@ with tempfile.TemporaryDirectory() as d:
     fo.csv(pd.DataFrame({'dice': [.5]}), 't'); fig, ax = plt.subplots(); fo.png(fig, 'p')
     t = pd.read_csv(Path(d)/'t.csv')
     test_eq(t.columns.tolist(), ['dice', 'profile', 'data_root', 'seed']); test_eq(t.seed[0], 3)
+    fo.csv(pd.DataFrame({'seed': [0, 1], 'dice': [.5, .6]}), 'arms')      # a per-seed table keeps its own seeds
+    t = pd.read_csv(Path(d)/'arms.csv'); test_eq(t.seed.tolist(), [0, 1]); test_eq(t.run_seed.tolist(), [3, 3])
     assert (Path(d)/'p.png').exists()
 
 
@@ -258,8 +262,10 @@ def _lesiongen_faith(d):
 def _skindualgen(d):
     c = _csv(d, 'consistency').set_index('model'); g = _csv(d, 'augmentation_segmentation_gain').set_index('fraction')
     k = _csv(d, 'augmentation_classification_gain').set_index('fraction'); f10 = min(g.index)
+    judge = (f", the judge on real images {c.loc['real test images (ground truth)', 'dice_mean']:.3f}"
+             if 'real test images (ground truth)' in c.index else '')
     return (f"consistency Dice {c.loc['with shape loss', 'dice_mean']:.3f} (without the shape loss "
-            f"{c.loc['without shape loss', 'dice_mean']:.3f}); at {f10:.0%} real data: U-Net Dice gain "
+            f"{c.loc['without shape loss', 'dice_mean']:.3f}{judge}); at {f10:.0%} real data: U-Net Dice gain "
             f"{g.loc[f10, 'mean']:+.3f} ± {g.loc[f10, 'std']:.3f}, classifier accuracy gain {k.loc[f10, 'accuracy mean']:+.3f} ± "
             f"{k.loc[f10, 'accuracy std']:.3f}, macro F1 {k.loc[f10, 'macro_f1 mean']:+.3f}",
             f"ISIC 2018 test; {int(c['n'].iloc[0])} pairs per model; 3 seeds per arm")
@@ -330,6 +336,13 @@ with tempfile.TemporaryDirectory() as d:
     cp = results_table(d).set_index('claim').loc['CPDE beats Asyrp on FID, S_dir and NS-LPIPS']
     assert cp.ours.startswith('FID 10.0 vs Asyrp 20.0') and '0.10 → 0.40' in cp.ours and 'n = 40' in cp['data, n']
     md = results_markdown(d); assert md.startswith('| method |') and '[DiffSeg](figures/diffseg/)' in md
+    (d/'skindualgen').mkdir(); sd = d/'skindualgen'
+    pd.DataFrame({'model': ['with shape loss', 'without shape loss', 'real test images (ground truth)'], 'dice_mean': [.81, .8, .92],
+                  'n': [126, 126, 128]}).to_csv(sd/'consistency.csv', index=False)
+    pd.DataFrame({'fraction': [.1, 1.], 'mean': [.01, 0.], 'std': [.02, .01]}).to_csv(sd/'augmentation_segmentation_gain.csv', index=False)
+    pd.DataFrame({'fraction': [.1, 1.], 'accuracy mean': [.03, 0.], 'accuracy std': [.01, .01], 'macro_f1 mean': [.02, 0.]}).to_csv(sd/'augmentation_classification_gain.csv', index=False)
+    sg = results_table(d).set_index('method').loc['SkinDualGen']
+    assert sg.ours.startswith('consistency Dice 0.810 (without the shape loss 0.800, the judge on real images 0.920)') and '+0.010 ± 0.020' in sg.ours
 print(results_markdown(project_root()/'figures'))
 
 

@@ -66,6 +66,10 @@ lap('examples')
 
 # %% [markdown]
 # ## Image–mask consistency (U-Net on the generated image vs the generated mask), and the ablation
+#
+# Beside the generated pairs, the same U-Net scores real test images against their ground truth at the same 64 px:
+# the ceiling this judge allows. `consistency_by_size.csv` splits both by lesion area and keeps the mean area of the
+# mask and of the U-Net's reading, so a size disagreement shows apart from a shape one.
 
 # %%
 unet = load_segmenter(SegmenterConfig.for_profile(profile), root, device)
@@ -75,14 +79,24 @@ for k, m in models.items():
     i, mk = generate_pairs(m, cons_prompts, g, 20, seed + 1)
     cons.append(consistency(i, mk, unet).assign(model=k))
 cons = pd.concat(cons, ignore_index=True)
-out.csv(cons, 'consistency_per_pair')
-csum = cons.groupby('model').agg(dice_mean=('dice', 'mean'), dice_median=('dice', 'median'), n=('dice', 'size'),
-                                 empty=('flag', lambda f: int((f == 'empty').sum())), full=('flag', lambda f: int((f == 'full').sum()))).reset_index()
+# the judge's ceiling: the same U-Net on real test images, squashed to the same size, against their ground truth
+real_ref = DermDataset(list(get_split('isic2018_task1', 'test', root))[:S['n_cons']], 64, 'squash', in_memory=True)
+ref = consistency(torch.stack([real_ref[k]['image'] for k in range(len(real_ref))]),
+                  torch.stack([real_ref[k]['mask'][0] > .5 for k in range(len(real_ref))]), unet).assign(model='real test images (ground truth)')
+out.csv(pd.concat([cons, ref], ignore_index=True), 'consistency_per_pair')
+csum = pd.concat([cons, ref]).groupby('model', sort=False).agg(
+    dice_mean=('dice', 'mean'), dice_median=('dice', 'median'), mask_fraction=('lesion_fraction', 'mean'), unet_fraction=('unet_fraction', 'mean'),
+    n=('dice', 'size'), empty=('flag', lambda f: int((f == 'empty').sum())), full=('flag', lambda f: int((f == 'full').sum()))).reset_index()
 out.csv(csum, 'consistency')
+sized = pd.concat([cons, ref], ignore_index=True).assign(size=lambda t: pd.cut(t.lesion_fraction, [0, .1, .2, .4, 1.],
+                                                         labels=['< 10%', '10-20%', '20-40%', '> 40%']))
+by_size = sized.groupby(['model', 'size'], observed=True).agg(dice_mean=('dice', 'mean'), mask_fraction=('lesion_fraction', 'mean'),
+                                                              unet_fraction=('unet_fraction', 'mean'), n=('dice', 'size')).reset_index()
+out.csv(by_size, 'consistency_by_size')
 fig, ax = plt.subplots(figsize=(6, 3.2))
-sns.histplot(cons, x='dice', hue='model', bins=20, element='step', ax=ax)
-ax.set_title(f"Image–mask consistency (U-Net Dice vs generated mask), n={S['n_cons']} per model"); out.png(fig, 'consistency_hist')
-lap('consistency'); csum
+sns.histplot(pd.concat([cons, ref], ignore_index=True), x='dice', hue='model', bins=20, element='step', stat='density', common_norm=False, ax=ax)
+ax.set_title(f"U-Net Dice vs the generated mask (real images: vs ground truth); n = {len(cons) // len(models)} pairs per model, {len(ref)} real", fontsize=8); out.png(fig, 'consistency_hist')
+lap('consistency'); by_size.round(3)
 
 # %% [markdown]
 # ## FID / KID per class against real ISIC 2018 test images
