@@ -185,13 +185,16 @@ def _lesiongen_faith(d):
             f"{fid['rich']:.1f} vs label-only {fid['label']:.1f}", f"{int(f.m.iloc[0])} images per concept; FID n per class in fid_per_class.csv")
 
 def _skindualgen(d):
-    c = _csv(d, 'consistency').set_index('model'); g = _csv(d, 'augmentation_segmentation_gain').set_index('fraction')
-    k = _csv(d, 'augmentation_classification_gain').set_index('fraction'); f10 = min(g.index)
+    c = _csv(d, 'consistency').set_index('model'); g = _csv(d, 'augmentation_segmentation_gain')
+    if 'arm' not in g: g = g.assign(arm='real + synthetic')             # tables written before the filtered arm
+    g = g.set_index(['arm', 'fraction']); k = _csv(d, 'augmentation_classification_gain').set_index('fraction'); f10 = min(k.index)
     judge = (f", the judge on real images {c.loc['real test images (ground truth)', 'dice_mean']:.3f}"
              if 'real test images (ground truth)' in c.index else '')
+    gains = ', '.join(f"{a} {g.loc[(a, f10), 'mean']:+.3f} ± {g.loc[(a, f10), 'std']:.3f} (min {g.loc[(a, f10), 'min']:+.3f})"
+                      for a in g.index.get_level_values(0).unique() if (a, f10) in g.index)
     return (f"consistency Dice {c.loc['with shape loss', 'dice_mean']:.3f} (without the shape loss "
             f"{c.loc['without shape loss', 'dice_mean']:.3f}{judge}); at {f10:.0%} real data: U-Net Dice gain "
-            f"{g.loc[f10, 'mean']:+.3f} ± {g.loc[f10, 'std']:.3f}, classifier accuracy gain {k.loc[f10, 'accuracy mean']:+.3f} ± "
+            f"{gains}; classifier accuracy gain {k.loc[f10, 'accuracy mean']:+.3f} ± "
             f"{k.loc[f10, 'accuracy std']:.3f}, macro F1 {k.loc[f10, 'macro_f1 mean']:+.3f}",
             f"ISIC 2018 test; {int(c['n'].iloc[0])} pairs per model; 3 seeds per arm")
 

@@ -28,7 +28,8 @@ from .lesiongen import CaptionConfig, caption_dataset, caption_records, lesionge
 __all__ = ['PAIR_DATASETS', 'SHAPE_DEFAULTS', 'LORA_RANK', 'STEPS', 'FLAG_MIN', 'FLAG_MAX', 'render_mask', 'PairDataset',
            'loss_name', 'parse_loss', 'dice_bce', 'skindualgen_loss', 'skindualgen_train_config', 'pair_training_set',
            'load_skindualgen', 'clean_mask', 'split_pair', 'mask_flag', 'write_pairs', 'generate_pairs',
-           'generate_skindualgen', 'consistency', 'AugSegConfig', 'train_aug_segmenter', 'seg_scores']
+           'generate_skindualgen', 'consistency', 'AugSegConfig', 'train_aug_segmenter', 'seg_scores',
+           'select_synthetic']
 
 # %% ../nbs/09_skindualgen.ipynb #0c31952c
 PAIR_DATASETS = ('isic2018_task1', 'ph2')
@@ -276,3 +277,15 @@ def seg_scores(net, # a LesionUNet
         for pm, it in zip(p, items):
             s = seg_metrics(pm, it['mask'][0].numpy() > .5); d.append(s['dice']); j.append(s['jaccard'])
     return {'dice': float(np.mean(d)), 'iou': float(np.mean(j))}
+
+# %% ../nbs/09_skindualgen.ipynb #03686483
+@torch.no_grad()
+def select_synthetic(net, # the arm's real-only LesionUNet, at the synthetic pairs' size
+                     syn_images:torch.Tensor, # synthetic images (N, 3, S, S) in [-1, 1]
+                     syn_masks:torch.Tensor, # their masks (N, S, S)
+                     n:int # how many to keep
+                    )->tuple:
+    "(indices of the n pairs whose masks the net agrees with most, best first; every pair's agreement Dice)."
+    p = torch.cat([net(syn_images[k:k + 64].float()).sigmoid()[:, 0] for k in range(0, len(syn_images), 64)]).numpy() > .5
+    agree = np.array([seg_metrics(a, b)['dice'] for a, b in zip(p, syn_masks.cpu().numpy())])
+    return torch.from_numpy(np.argsort(-agree, kind='stable')[:n].copy()), agree
