@@ -181,14 +181,14 @@ def cmd_generate(args # parsed arguments: method, prompt, n, out, seed, guidance
     return 0
 
 # %% ../nbs/11_cli.ipynb #09e6442a
-def cmd_edit(args # parsed arguments: images, masks, attribute, direction, method, out, mask_method, profile, root, device, seed
+def cmd_edit(args # parsed arguments: images, masks, attribute, direction, method, out, mask_method, profile, root, device, seed, strength
             )->int:
     "Edit a folder of images (CPDE or a baseline)."
     from dermnb.cpde import edit_folder, Edit
     Edit(args.attribute, args.direction)                      # an unknown attribute fails before any model loads
     print(f'loading the {args.method} editor (trained and cached on first use) ...', file=sys.stderr)
     files = edit_folder(args.images, args.out, args.attribute, args.direction, args.method, args.masks, args.mask_method,
-                        args.profile, args.root, args.device, args.seed)
+                        args.profile, args.root, args.device, args.seed, args.strength)
     print(f'edit: {len(files)} edited images written to {args.out}')
     return 0
 
@@ -303,6 +303,7 @@ def build_parser()->argparse.ArgumentParser:
     ed.add_argument('--mask-method', dest='mask_method', choices=['diffseg-distilled', 'unet'], default='diffseg-distilled')
     ed.add_argument('--out', required=True); ed.add_argument('--profile', choices=sorted(PROFILES), default='quick')
     ed.add_argument('--root'); ed.add_argument('--device', default='auto'); ed.add_argument('--seed', type=int, default=0)
+    ed.add_argument('--strength', type=float, default=1., help="scale of the h-space edit at sampling (Asyrp's hs_coeff_delta_h; >1 stronger)")
     ed.set_defaults(fn=cmd_edit)
     c = sub.add_parser('caption', help='concept-rich captions with provenance, as JSONL')
     c.add_argument('--dataset', required=True, help="isic2018_task1, isic2019, ph2, derm7pt (comma-separated) or 'all'")

@@ -30,9 +30,9 @@ __all__ = ['ATTRIBUTES', 'DIRECTIONS', 'PLAIN', 'ALL_EDITS', 'X0_FRACTION', 'XT_
            'asym_ddim', 'Inversion', 'invert', 'cached_inversion', 'lpips_curves', 'choose_t', 'unet_temb',
            'DeltaBlock', 'DeltaBlocks', 'FiLMResBlock', 'SCT', 'edit_conditions', 'EditorConfig', 'source_pairs',
            'make_editor', 'train_editor', 'apply_editor', 'composite_edit', 'train_diffusionclip',
-           'apply_diffusionclip', 'diagnosis_head', 'edit_metrics', 'comparison', 'counterfactual_augmentation',
-           'cpde_images', 'edit_schedule', 'load_editor', 'load_diffusionclip', 'folder_edit_set', 'edit_folder',
-           'eval_edit_folders']
+           'apply_diffusionclip', 'diagnosis_head', 'edit_metrics', 'comparison', 'paired_difference',
+           'counterfactual_augmentation', 'cpde_images', 'edit_schedule', 'load_editor', 'load_diffusionclip',
+           'folder_edit_set', 'edit_folder', 'eval_edit_folders']
 
 # %% ../nbs/08_cpde.ipynb #ac3fc296
 ATTRIBUTES = {'streaks': 'streaks', 'blue_whitish_veil': 'blue_whitish_veil', 'pigment_network': 'atypical_pigment_network',
@@ -381,10 +381,10 @@ def make_editor(cfg:EditorConfig, # the editor's config
     torch.manual_seed(cfg.seed)
     return SCT(channels, temb_dim, sem_dim) if cfg.uses_sct else DeltaBlocks(len(cfg.edits), channels, temb_dim)
 
-def _delta_fn(editor, unet, cfg, conds, edit_idx):
-    "Δh(h, t) for a batch whose samples have edits `edit_idx`."
+def _delta_fn(editor, unet, cfg, conds, edit_idx, strength=1.):
+    "strength · Δh(h, t) for a batch whose samples have edits `edit_idx`."
     sem = conds['semantics'][edit_idx]
-    return lambda h, t: editor(h, unet_temb(unet, t), sem.to(h) if cfg.uses_sct else edit_idx.to(h.device))
+    return lambda h, t: strength * editor(h, unet_temb(unet, t), sem.to(h) if cfg.uses_sct else edit_idx.to(h.device))
 
 # %% ../nbs/08_cpde.ipynb #f06efefc
 def train_editor(bb:Backbone, # the (frozen) backbone
@@ -442,14 +442,15 @@ def apply_editor(bb:Backbone, # the backbone
                  conds:dict, # `edit_conditions` of cfg.edits
                  batch_size:int=32, # images per pass
                  seed:int=0, # for the η = 1 noise
-                 composite:bool=True # mask-guided methods: paste the edit onto the original pixels (feathered mask)
+                 composite:bool=True, # mask-guided methods: paste the edit onto the original pixels (feathered mask)
+                 strength:float=1. # Δh is multiplied by this at sampling (Asyrp's `hs_coeff_delta_h`)
                 )->torch.Tensor:
     "Edited images (N, 3, S, S) in [-1, 1]."
     out, lm, g = [], es.latent_masks(bb.ae.factor if bb.ae else 1), torch.Generator().manual_seed(seed)
     for i in range(0, len(es), batch_size):
         sl = slice(i, i + batch_size); ei = edit_idx[sl]; m8 = lm[sl].to(bb.device); traj = inv.traj[:, sl]
         blend = (lambda k, x: m8 * x + (1 - m8) * traj[k + 1].to(x)) if cfg.masked else None
-        x0 = asym_ddim(bb, traj[0], cfg.steps, _delta_fn(editor, bb.unet, cfg, conds, ei), cfg.t_edit, cfg.t_addnoise, blend, g)
+        x0 = asym_ddim(bb, traj[0], cfg.steps, _delta_fn(editor, bb.unet, cfg, conds, ei, strength), cfg.t_edit, cfg.t_addnoise, blend, g)
         y = bb.decode(x0).cpu()
         if cfg.masked and composite: y = composite_edit(es.images[sl], y, es.masks[sl])
         out.append(y)
@@ -479,6 +480,7 @@ def train_diffusionclip(bb:Backbone, # the (frozen) backbone
                         per_edit:int=16, # source-state training images
                         batch_size:int=8, # images per step
                         lr:float=5e-4, # Adam on the LoRA
+                        epochs:int=6, # passes over the images (6 x 2 = 12 steps per edit: the h-space editors' 130 steps over 10 edits)
                         seed:int=0 # which images, init
                        )->tuple:
     "A LoRA-tuned copy of the UNet for one edit (DiffusionCLIP's objective); returns (unet, start index, history)."
@@ -486,7 +488,8 @@ def train_diffusionclip(bb:Backbone, # the (frozen) backbone
     k0 = next(i for i, t in enumerate(inv.timesteps) if t <= DCLIP_T0)
     torch.manual_seed(seed); unet = copy.deepcopy(bb.unet); params = add_lora(unet, DCLIP_RANK); opt = torch.optim.Adam(params, lr)
     idx_all = torch.tensor([p[0] for p in source_pairs(es, [edit], per_edit, seed)]); hist = []
-    for b in idx_all.split(batch_size):
+    g = torch.Generator().manual_seed(seed)
+    for b in (b for _ in range(epochs) for b in idx_all[torch.randperm(len(idx_all), generator=g)].split(batch_size)):
         x0 = asym_ddim(bb, inv.traj[k0][b], inv.steps, unet=unet, start=k0, grad=True)
         real = es.images[b].to(bb.device); img = _decode_nc(bb, x0).clamp(-1.5, 1.5)
         ldir = directional_clip_loss(clip, real, img, text_dir=conds['direction'][0].to(bb.device))
@@ -532,7 +535,7 @@ def edit_metrics(orig:torch.Tensor, # originals (N, 3, S, S) in [-1, 1]
                  unet_seg, # the U-Net (`dermnb.segmenter.load_segmenter`)
                  device:str='auto' # LPIPS device
                 )->pd.DataFrame:
-    "Per edited image: S_dir, NS-LPIPS, U-Net Dice vs the original mask, diagnosis kept, target detected before / after."
+    "Per edited image (`item` = its position): S_dir, NS-LPIPS, U-Net Dice vs the original mask, diagnosis kept, target detected before / after."
     from dermnb.lesiongen import lite0_features
     from dermnb.segmenter import predict_proba
     src = [e.texts[0] for e in edits]; trg = [e.texts[1] for e in edits]
@@ -543,7 +546,7 @@ def edit_metrics(orig:torch.Tensor, # originals (N, 3, S, S) in [-1, 1]
     dx_kept = dx_head.predict(fo) == dx_head.predict(fe)
     po, pe = judge.predict_features(fo), judge.predict_features(fe)
     det = lambda P, e: bool(P[e.concept] >= judge.thresholds[e.concept]['decision'])
-    return pd.DataFrame([{'edit': e.name, 'attribute': e.attribute, 'direction': e.direction, 's_dir': float(sdir[i]),
+    return pd.DataFrame([{'item': i, 'edit': e.name, 'attribute': e.attribute, 'direction': e.direction, 's_dir': float(sdir[i]),
                           'ns_lpips': float(nsl[i]), 'seg_dice': float(segd[i]), 'dx_kept': bool(dx_kept[i]),
                           'detected_before': det(po.iloc[i], e), 'detected_after': det(pe.iloc[i], e)} for i, e in enumerate(edits)])
 
@@ -563,6 +566,19 @@ def comparison(per_image:pd.DataFrame, # `edit_metrics` rows with a 'method' col
     t['fid'] = pd.Series({m: fids[m]['fid'] for m in t.index}); t['kid'] = pd.Series({m: fids[m]['kid'] for m in t.index})
     t = t.reset_index(); t['method'] = t.method.map(lambda m: METHOD_NAMES.get(m, m)); t['masks'] = mask_source
     return t.merge(PAPER.rename(columns={'fid': 'paper_fid', 's_dir': 'paper_s_dir', 'ns_lpips': 'paper_ns_lpips'}), on='method', how='left')
+
+# %% ../nbs/08_cpde.ipynb #e011b6b5
+def paired_difference(per_image:pd.DataFrame, # `edit_metrics` rows with 'method' and 'item' columns
+                      metric:str, # a per-image column, e.g. 's_dir'
+                      a:str, # method a
+                      b:str # method b (the difference is a − b)
+                     )->dict:
+    "Mean, standard error and z of metric(a) − metric(b) over the items both methods edited."
+    w = per_image.pivot_table(index='item', columns='method', values=metric)
+    if a not in w or b not in w: raise DermnbError(f"paired_difference: no rows for {[m for m in (a, b) if m not in w]}; methods: {list(w.columns)}")
+    d = (w[a] - w[b]).dropna().astype(float); n = len(d)
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float('nan')
+    return {'diff': float(d.mean()), 'se': se, 'z': float(d.mean() / se) if se and se > 0 else float('nan'), 'n': n}
 
 # %% ../nbs/08_cpde.ipynb #5e22bbf8
 def counterfactual_augmentation(real_X:np.ndarray, # Lite0 features of the real training images
@@ -650,6 +666,7 @@ def load_diffusionclip(edit:Edit, # the edit
                        device:str='auto', # device
                        mask_method:str='unet', # masks of Derm7pt (only to pick the same images)
                        per_edit:int=16, # training images
+                       epochs:int=6, # passes over them
                        progress:bool=True # progress bars
                       )->tuple:
     "(unet, k0, backbone): the DiffusionCLIP-style LoRA model of one edit, trained and cached on a miss."
@@ -659,11 +676,11 @@ def load_diffusionclip(edit:Edit, # the edit
     bb = load_base_model(profile, root, device=device, progress=progress); bb.cache_dir = Path(base_config(profile).hash())
     clip = load_concept_dermclip(profile, root, 'cpu'); es = cpde_images('train', mask_method, profile, root, device)
     key = {'edit': [edit.attribute, edit.direction], 'backbone': base_config(profile).hash(), 'clip': clip.cache_dir.name,
-           'per_edit': per_edit, 'rank': DCLIP_RANK, 't0': DCLIP_T0, 'steps': 20, 'data': f'masks-{mask_method}', 'version': 1}
+           'per_edit': per_edit, 'epochs': epochs, 'rank': DCLIP_RANK, 't0': DCLIP_T0, 'steps': 20, 'data': f'masks-{mask_method}', 'version': 2}
     def build(d):
         cfg = EditorConfig(edits=((edit.attribute, edit.direction),), pairs_per_edit=per_edit)
         sub, _ = _pairs_subset(es, cfg); inv = cached_inversion(bb, sub, 20)
-        t0 = time.time(); unet, k0, hist = train_diffusionclip(bb, sub, inv, clip, edit, per_edit)
+        t0 = time.time(); unet, k0, hist = train_diffusionclip(bb, sub, inv, clip, edit, per_edit, epochs=epochs)
         save_lora(d, unet); save_json({'k0': k0, 'seconds': time.time() - t0}, d/'info.json'); hist.to_csv(d/'history.csv', index=False)
     path = cached_dir('cpde-diffusionclip', key, build)
     unet = copy.deepcopy(bb.unet); add_lora(unet, DCLIP_RANK); load_lora(unet, path)
@@ -713,18 +730,20 @@ def edit_folder(images_dir:str|Path, # input images
                 profile:str='quick', # profile
                 root:str|Path|None=None, # data root
                 device:str='auto', # device
-                seed:int=0 # sampling seed
+                seed:int=0, # sampling seed
+                strength:float=1. # Δh scale at sampling (h-space methods; Asyrp's `hs_coeff_delta_h`)
                )->list:
     "Edit every image of a folder (trained editors are cached on first use); returns the written files."
     e = Edit(attribute, direction)
     es, ims, files = folder_edit_set(images_dir, masks_dir, mask_method, profile, root, device)
     if method == 'diffusionclip':
+        if strength != 1: raise DermnbError("--strength scales an h-space Δh; the DiffusionCLIP-style method has none (use cpde, asyrp, masking or sct)")
         unet, k0, bb = load_diffusionclip(e, profile, root, device)
         edited = apply_diffusionclip(bb, unet, k0, cached_inversion(bb, es, 20))
     else:
         ed, cfg, conds, bb, _ = load_editor(method, profile, root, device)
         j = [tuple(x) for x in cfg.edits].index((e.attribute, e.direction))
-        edited = apply_editor(bb, ed, cfg, es, cached_inversion(bb, es, cfg.steps), torch.full((len(es),), j), conds, seed=seed)
+        edited = apply_editor(bb, ed, cfg, es, cached_inversion(bb, es, cfg.steps), torch.full((len(es),), j), conds, seed=seed, strength=strength)
     out = []
     for f, im, x in zip(files, ims, edited):
         out.append(save_image(tensor_to_image(x).resize(im.size, Image.BICUBIC), Path(out_dir)/f.name))

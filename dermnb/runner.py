@@ -200,7 +200,10 @@ def _skindualgen(d):
 
 def _cpde(d):
     t = _csv(d, 'comparison').set_index('method'); a, c = t.loc['Asyrp'], t.loc['CPDE']
-    return (f"FID {c.fid:.1f} vs Asyrp {a.fid:.1f}, S_dir {c.s_dir:.3f} vs {a.s_dir:.3f}, NS-LPIPS {c.ns_lpips:.3f} vs "
+    o = _csv(d, 'orderings').set_index('claim') if (Path(d)/'orderings.csv').is_file() else pd.DataFrame()
+    sd = o.loc['CPDE beats Asyrp on S_dir'] if 'paired_diff' in o and 'CPDE beats Asyrp on S_dir' in o.index else None
+    paired = f" (paired difference {sd.paired_diff:+.3f} ± {sd.paired_se:.3f} SE)" if sd is not None else ''
+    return (f"FID {c.fid:.1f} vs Asyrp {a.fid:.1f}, S_dir {c.s_dir:.3f} vs {a.s_dir:.3f}{paired}, NS-LPIPS {c.ns_lpips:.3f} vs "
             f"{a.ns_lpips:.3f}; segmentation consistency Dice {c.seg_dice:.3f}; 'add' detection {c.add_detected_before:.2f} → "
             f"{c.add_detected_after:.2f}", f"PH2 + Derm7pt test, n = {int(c.n)} edits per method; masks: {c.masks}; FID vs the unedited originals")
 

@@ -49,7 +49,7 @@ from dermnb.clip import ClipEncoder, text_direction, clip_direction_similarity, 
 from dermnb.lesiongen import CONCEPTS
 
 # %%
-import tempfile
+import tempfile, dataclasses
 from fastcore.test import test_eq, test_ne, test_fail, test_close
 from dermnb.core import data_root, make_generator
 torch.set_num_threads(2)
@@ -591,10 +591,10 @@ def make_editor(cfg:EditorConfig, # the editor's config
     torch.manual_seed(cfg.seed)
     return SCT(channels, temb_dim, sem_dim) if cfg.uses_sct else DeltaBlocks(len(cfg.edits), channels, temb_dim)
 
-def _delta_fn(editor, unet, cfg, conds, edit_idx):
-    "Δh(h, t) for a batch whose samples have edits `edit_idx`."
+def _delta_fn(editor, unet, cfg, conds, edit_idx, strength=1.):
+    "strength · Δh(h, t) for a batch whose samples have edits `edit_idx`."
     sem = conds['semantics'][edit_idx]
-    return lambda h, t: editor(h, unet_temb(unet, t), sem.to(h) if cfg.uses_sct else edit_idx.to(h.device))
+    return lambda h, t: strength * editor(h, unet_temb(unet, t), sem.to(h) if cfg.uses_sct else edit_idx.to(h.device))
 
 
 # %%
@@ -667,14 +667,15 @@ def apply_editor(bb:Backbone, # the backbone
                  conds:dict, # `edit_conditions` of cfg.edits
                  batch_size:int=32, # images per pass
                  seed:int=0, # for the η = 1 noise
-                 composite:bool=True # mask-guided methods: paste the edit onto the original pixels (feathered mask)
+                 composite:bool=True, # mask-guided methods: paste the edit onto the original pixels (feathered mask)
+                 strength:float=1. # Δh is multiplied by this at sampling (Asyrp's `hs_coeff_delta_h`)
                 )->torch.Tensor:
     "Edited images (N, 3, S, S) in [-1, 1]."
     out, lm, g = [], es.latent_masks(bb.ae.factor if bb.ae else 1), torch.Generator().manual_seed(seed)
     for i in range(0, len(es), batch_size):
         sl = slice(i, i + batch_size); ei = edit_idx[sl]; m8 = lm[sl].to(bb.device); traj = inv.traj[:, sl]
         blend = (lambda k, x: m8 * x + (1 - m8) * traj[k + 1].to(x)) if cfg.masked else None
-        x0 = asym_ddim(bb, traj[0], cfg.steps, _delta_fn(editor, bb.unet, cfg, conds, ei), cfg.t_edit, cfg.t_addnoise, blend, g)
+        x0 = asym_ddim(bb, traj[0], cfg.steps, _delta_fn(editor, bb.unet, cfg, conds, ei, strength), cfg.t_edit, cfg.t_addnoise, blend, g)
         y = bb.decode(x0).cpu()
         if cfg.masked and composite: y = composite_edit(es.images[sl], y, es.masks[sl])
         out.append(y)
@@ -704,7 +705,10 @@ def composite_edit(orig:torch.Tensor, # originals (B, 3, S, S)
 # against the real image (its official weights). Ours fine-tunes a LoRA of a copy of the UNet (rank `DCLIP_RANK` on the
 # attention projections; the shared UNet and its cached inversions stay untouched), one copy per edit as the official
 # code resets per edit, for the steps of our 20-step grid from t ≤ 500 (10 steps instead of its 6), with Adam (its lr
-# 8e-6 is for full weights; a LoRA's up-projection starts at zero and needs more).
+# 8e-6 is for full weights; a LoRA's up-projection starts at zero and needs more). The official script takes one
+# optimizer step per image over 50 images for several epochs; ours gets the optimizer budget of the h-space editors:
+# they take 130 steps over 10 edits, so each edit's LoRA takes 6 epochs x 2 batches = 12 steps (an earlier version took
+# one pass, 2 steps per edit, which left the baseline nearly the identity; stated in the figure).
 
 # %%
 #| export
@@ -718,6 +722,7 @@ def train_diffusionclip(bb:Backbone, # the (frozen) backbone
                         per_edit:int=16, # source-state training images
                         batch_size:int=8, # images per step
                         lr:float=5e-4, # Adam on the LoRA
+                        epochs:int=6, # passes over the images (6 x 2 = 12 steps per edit: the h-space editors' 130 steps over 10 edits)
                         seed:int=0 # which images, init
                        )->tuple:
     "A LoRA-tuned copy of the UNet for one edit (DiffusionCLIP's objective); returns (unet, start index, history)."
@@ -725,7 +730,8 @@ def train_diffusionclip(bb:Backbone, # the (frozen) backbone
     k0 = next(i for i, t in enumerate(inv.timesteps) if t <= DCLIP_T0)
     torch.manual_seed(seed); unet = copy.deepcopy(bb.unet); params = add_lora(unet, DCLIP_RANK); opt = torch.optim.Adam(params, lr)
     idx_all = torch.tensor([p[0] for p in source_pairs(es, [edit], per_edit, seed)]); hist = []
-    for b in idx_all.split(batch_size):
+    g = torch.Generator().manual_seed(seed)
+    for b in (b for _ in range(epochs) for b in idx_all[torch.randperm(len(idx_all), generator=g)].split(batch_size)):
         x0 = asym_ddim(bb, inv.traj[k0][b], inv.steps, unet=unet, start=k0, grad=True)
         real = es.images[b].to(bb.device); img = _decode_nc(bb, x0).clamp(-1.5, 1.5)
         ldir = directional_clip_loss(clip, real, img, text_dir=conds['direction'][0].to(bb.device))
@@ -762,22 +768,29 @@ from dermnb.diffusion import load_taef2
 lb = Backbone(make_unet('text', sample_size=8, in_channels=32, cross_attention_dim=12, block_out_channels=(32, 128), head_dim=16),
               make_scheduler(prediction_type='v_prediction'), load_taef2(), lambda caps: torch.zeros(len(caps), 3, 12), image_size=64)
 es6 = edit_set(get_split('ph2', 'train', ROOT)[:6]); inv6 = invert(lb, es6.images, steps=6)
-small_edits = (('streaks', 'add'), ('streaks', 'remove'))
+small_edits = (('streaks', 'add'), ('streaks', 'remove')); trained_t = {}
 for method in METHODS:
     cfg_e = EditorConfig(method=method, steps=6, t_edit=400, t_addnoise=100, pairs_per_edit=2, batch_size=4, edits=small_edits)
     ed_m, h_m = train_editor(lb, es6, inv6, tclip, cfg_e, progress=False)
     assert len(h_m) > 0 and np.isfinite(h_m.loss).all(), method
     conds_t = edit_conditions(tclip, [Edit(*e) for e in small_edits])
     out_m = apply_editor(lb, ed_m, cfg_e, es6.subset([0, 1]), inv6.subset([0, 1]), torch.tensor([0, 1]), conds_t)
-    test_eq(out_m.shape, (2, 3, 64, 64))
+    test_eq(out_m.shape, (2, 3, 64, 64)); trained_t[method] = (ed_m, cfg_e)
 cfg0 = EditorConfig(method='sct', steps=6, t_edit=400, t_addnoise=0, edits=small_edits)
 untrained = make_editor(cfg0, lb.unet.time_embedding.linear_2.out_features, 128, conds_t['semantics'].shape[1])
 with torch.no_grad():
     same = apply_editor(lb, untrained, cfg0, es6.subset([0]), inv6.subset([0]), torch.tensor([0]), conds_t)
     rec = lb.decode(asym_ddim(lb, inv6.traj[0][:1], 6))
 test_close(same, rec, eps=1e-4)                                                  # Δh = 0: the reconstruction
+ed_s, cfg_s = trained_t['sct']; cfg_s = dataclasses.replace(cfg_s, t_addnoise=0)     # deterministic sampling
+with torch.no_grad():
+    by_k = {k: apply_editor(lb, ed_s, cfg_s, es6.subset([0]), inv6.subset([0]), torch.tensor([0]), conds_t, strength=k) for k in (0., 1., 3.)}
+test_close(by_k[0.], rec, eps=1e-4)                                              # strength 0: no edit
+test_close(by_k[1.], apply_editor(lb, ed_s, cfg_s, es6.subset([0]), inv6.subset([0]), torch.tensor([0]), conds_t), eps=1e-6)
+assert (by_k[3.] - rec).abs().mean() > (by_k[1.] - rec).abs().mean() > 0        # a stronger Δh moves the image further
 w0 = copy.deepcopy(lb.unet.state_dict())
-dunet, k0_, dh = train_diffusionclip(lb, es6, inv6, tclip, Edit('streaks', 'add'), per_edit=2, batch_size=2)
+dunet, k0_, dh = train_diffusionclip(lb, es6, inv6, tclip, Edit('streaks', 'add'), per_edit=2, batch_size=2, epochs=2)
+test_eq(len(dh), 2)                                                               # one step per batch per epoch
 test_eq(apply_diffusionclip(lb, dunet, k0_, inv6.subset([0])).shape, (1, 3, 64, 64))
 ce = composite_edit(es6.images[:2], torch.zeros(2, 3, 64, 64), es6.masks[:2])
 far = F.max_pool2d(es6.masks[:2], 11, 1, 5) == 0                                  # well outside the lesion: the original
@@ -831,7 +844,7 @@ def edit_metrics(orig:torch.Tensor, # originals (N, 3, S, S) in [-1, 1]
                  unet_seg, # the U-Net (`dermnb.segmenter.load_segmenter`)
                  device:str='auto' # LPIPS device
                 )->pd.DataFrame:
-    "Per edited image: S_dir, NS-LPIPS, U-Net Dice vs the original mask, diagnosis kept, target detected before / after."
+    "Per edited image (`item` = its position): S_dir, NS-LPIPS, U-Net Dice vs the original mask, diagnosis kept, target detected before / after."
     from dermnb.lesiongen import lite0_features
     from dermnb.segmenter import predict_proba
     src = [e.texts[0] for e in edits]; trg = [e.texts[1] for e in edits]
@@ -842,7 +855,7 @@ def edit_metrics(orig:torch.Tensor, # originals (N, 3, S, S) in [-1, 1]
     dx_kept = dx_head.predict(fo) == dx_head.predict(fe)
     po, pe = judge.predict_features(fo), judge.predict_features(fe)
     det = lambda P, e: bool(P[e.concept] >= judge.thresholds[e.concept]['decision'])
-    return pd.DataFrame([{'edit': e.name, 'attribute': e.attribute, 'direction': e.direction, 's_dir': float(sdir[i]),
+    return pd.DataFrame([{'item': i, 'edit': e.name, 'attribute': e.attribute, 'direction': e.direction, 's_dir': float(sdir[i]),
                           'ns_lpips': float(nsl[i]), 'seg_dice': float(segd[i]), 'dx_kept': bool(dx_kept[i]),
                           'detected_before': det(po.iloc[i], e), 'detected_after': det(pe.iloc[i], e)} for i, e in enumerate(edits)])
 
@@ -872,6 +885,35 @@ pi_ = pd.DataFrame({'method': ['asyrp', 'asyrp', 'cpde'], 'edit': ['add streaks'
                     'detected_before': [False, True, False], 'detected_after': [True, True, True]})
 ct = comparison(pi_, {'asyrp': {'fid': 10., 'kid': .1}, 'cpde': {'fid': 5., 'kid': .05}}, 'ground truth').set_index('method')
 test_close(ct.loc['Asyrp', 's_dir'], .2); test_eq(ct.loc['CPDE', 'paper_fid'], .274); test_eq(int(ct.loc['Asyrp', 'n']), 2)
+
+
+# %% [markdown]
+# **Orderings with their noise.** Every method edits the same images, so an ordering is read from the per-image
+# *paired* difference, whose standard error is much smaller than either mean's (S_dir per image has a spread of about
+# 0.15, so a mean over 80 edits is only known to about ±0.017). `paired_difference` gives the mean difference, its
+# standard error and z = mean / SE; the figure calls an ordering *significant* at |z| ≥ 2.
+
+# %%
+#| export
+def paired_difference(per_image:pd.DataFrame, # `edit_metrics` rows with 'method' and 'item' columns
+                      metric:str, # a per-image column, e.g. 's_dir'
+                      a:str, # method a
+                      b:str # method b (the difference is a − b)
+                     )->dict:
+    "Mean, standard error and z of metric(a) − metric(b) over the items both methods edited."
+    w = per_image.pivot_table(index='item', columns='method', values=metric)
+    if a not in w or b not in w: raise DermnbError(f"paired_difference: no rows for {[m for m in (a, b) if m not in w]}; methods: {list(w.columns)}")
+    d = (w[a] - w[b]).dropna().astype(float); n = len(d)
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float('nan')
+    return {'diff': float(d.mean()), 'se': se, 'z': float(d.mean() / se) if se and se > 0 else float('nan'), 'n': n}
+
+
+# %%
+pd_ = pd.DataFrame({'method': ['a'] * 4 + ['b'] * 4, 'item': list(range(4)) * 2, 's_dir': [.3, .5, .2, .4, .1, .4, .1, .2]})
+r_ = paired_difference(pd_, 's_dir', 'a', 'b')
+test_close(r_['diff'], np.mean([.2, .1, .1, .2])); test_close(r_['se'], np.std([.2, .1, .1, .2], ddof=1) / 2); test_eq(r_['n'], 4)
+test_close(paired_difference(pd_, 's_dir', 'b', 'a')['diff'], -r_['diff'])
+test_fail(lambda: paired_difference(pd_, 's_dir', 'a', 'c'), contains='no rows')
 
 
 # %% [markdown]
@@ -988,6 +1030,7 @@ def load_diffusionclip(edit:Edit, # the edit
                        device:str='auto', # device
                        mask_method:str='unet', # masks of Derm7pt (only to pick the same images)
                        per_edit:int=16, # training images
+                       epochs:int=6, # passes over them
                        progress:bool=True # progress bars
                       )->tuple:
     "(unet, k0, backbone): the DiffusionCLIP-style LoRA model of one edit, trained and cached on a miss."
@@ -997,11 +1040,11 @@ def load_diffusionclip(edit:Edit, # the edit
     bb = load_base_model(profile, root, device=device, progress=progress); bb.cache_dir = Path(base_config(profile).hash())
     clip = load_concept_dermclip(profile, root, 'cpu'); es = cpde_images('train', mask_method, profile, root, device)
     key = {'edit': [edit.attribute, edit.direction], 'backbone': base_config(profile).hash(), 'clip': clip.cache_dir.name,
-           'per_edit': per_edit, 'rank': DCLIP_RANK, 't0': DCLIP_T0, 'steps': 20, 'data': f'masks-{mask_method}', 'version': 1}
+           'per_edit': per_edit, 'epochs': epochs, 'rank': DCLIP_RANK, 't0': DCLIP_T0, 'steps': 20, 'data': f'masks-{mask_method}', 'version': 2}
     def build(d):
         cfg = EditorConfig(edits=((edit.attribute, edit.direction),), pairs_per_edit=per_edit)
         sub, _ = _pairs_subset(es, cfg); inv = cached_inversion(bb, sub, 20)
-        t0 = time.time(); unet, k0, hist = train_diffusionclip(bb, sub, inv, clip, edit, per_edit)
+        t0 = time.time(); unet, k0, hist = train_diffusionclip(bb, sub, inv, clip, edit, per_edit, epochs=epochs)
         save_lora(d, unet); save_json({'k0': k0, 'seconds': time.time() - t0}, d/'info.json'); hist.to_csv(d/'history.csv', index=False)
     path = cached_dir('cpde-diffusionclip', key, build)
     unet = copy.deepcopy(bb.unet); add_lora(unet, DCLIP_RANK); load_lora(unet, path)
@@ -1064,18 +1107,20 @@ def edit_folder(images_dir:str|Path, # input images
                 profile:str='quick', # profile
                 root:str|Path|None=None, # data root
                 device:str='auto', # device
-                seed:int=0 # sampling seed
+                seed:int=0, # sampling seed
+                strength:float=1. # Δh scale at sampling (h-space methods; Asyrp's `hs_coeff_delta_h`)
                )->list:
     "Edit every image of a folder (trained editors are cached on first use); returns the written files."
     e = Edit(attribute, direction)
     es, ims, files = folder_edit_set(images_dir, masks_dir, mask_method, profile, root, device)
     if method == 'diffusionclip':
+        if strength != 1: raise DermnbError("--strength scales an h-space Δh; the DiffusionCLIP-style method has none (use cpde, asyrp, masking or sct)")
         unet, k0, bb = load_diffusionclip(e, profile, root, device)
         edited = apply_diffusionclip(bb, unet, k0, cached_inversion(bb, es, 20))
     else:
         ed, cfg, conds, bb, _ = load_editor(method, profile, root, device)
         j = [tuple(x) for x in cfg.edits].index((e.attribute, e.direction))
-        edited = apply_editor(bb, ed, cfg, es, cached_inversion(bb, es, cfg.steps), torch.full((len(es),), j), conds, seed=seed)
+        edited = apply_editor(bb, ed, cfg, es, cached_inversion(bb, es, cfg.steps), torch.full((len(es),), j), conds, seed=seed, strength=strength)
     out = []
     for f, im, x in zip(files, ims, edited):
         out.append(save_image(tensor_to_image(x).resize(im.size, Image.BICUBIC), Path(out_dir)/f.name))

@@ -275,7 +275,10 @@ def _skindualgen(d):
 
 def _cpde(d):
     t = _csv(d, 'comparison').set_index('method'); a, c = t.loc['Asyrp'], t.loc['CPDE']
-    return (f"FID {c.fid:.1f} vs Asyrp {a.fid:.1f}, S_dir {c.s_dir:.3f} vs {a.s_dir:.3f}, NS-LPIPS {c.ns_lpips:.3f} vs "
+    o = _csv(d, 'orderings').set_index('claim') if (Path(d)/'orderings.csv').is_file() else pd.DataFrame()
+    sd = o.loc['CPDE beats Asyrp on S_dir'] if 'paired_diff' in o and 'CPDE beats Asyrp on S_dir' in o.index else None
+    paired = f" (paired difference {sd.paired_diff:+.3f} ± {sd.paired_se:.3f} SE)" if sd is not None else ''
+    return (f"FID {c.fid:.1f} vs Asyrp {a.fid:.1f}, S_dir {c.s_dir:.3f} vs {a.s_dir:.3f}{paired}, NS-LPIPS {c.ns_lpips:.3f} vs "
             f"{a.ns_lpips:.3f}; segmentation consistency Dice {c.seg_dice:.3f}; 'add' detection {c.add_detected_before:.2f} → "
             f"{c.add_detected_after:.2f}", f"PH2 + Derm7pt test, n = {int(c.n)} edits per method; masks: {c.masks}; FID vs the unedited originals")
 
@@ -338,6 +341,9 @@ with tempfile.TemporaryDirectory() as d:
                   'add_detected_before': [.1, .1], 'add_detected_after': [.2, .4], 'masks': ['ground truth'] * 2}).to_csv(d/'cpde'/'comparison.csv', index=False)
     cp = results_table(d).set_index('claim').loc['CPDE beats Asyrp on FID, S_dir and NS-LPIPS']
     assert cp.ours.startswith('FID 10.0 vs Asyrp 20.0') and '0.10 → 0.40' in cp.ours and 'n = 40' in cp['data, n']
+    pd.DataFrame({'claim': ['CPDE beats Asyrp on S_dir'], 'holds': [True], 'paired_diff': [.1], 'paired_se': [.02]}).to_csv(d/'cpde'/'orderings.csv', index=False)
+    cp = results_table(d).set_index('claim').loc['CPDE beats Asyrp on FID, S_dir and NS-LPIPS']
+    assert 'S_dir 0.200 vs 0.100 (paired difference +0.100 ± 0.020 SE)' in cp.ours, cp.ours
     md = results_markdown(d); assert md.startswith('| method |') and '[DiffSeg](figures/diffseg/)' in md
     (d/'skindualgen').mkdir(); sd = d/'skindualgen'
     pd.DataFrame({'model': ['with shape loss', 'without shape loss', 'real test images (ground truth)'], 'dice_mean': [.81, .8, .92],

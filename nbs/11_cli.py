@@ -254,20 +254,21 @@ def cmd_generate(args # parsed arguments: method, prompt, n, out, seed, guidance
 # ## Editing
 #
 # `dermnb edit --images DIR [--masks DIR] --attribute NAME --direction add|remove --method cpde|asyrp|diffusionclip --out DIR`
-# edits every image and writes the results under the input names; without `--masks` it segments with
+# edits every image and writes the results under the input names (`--strength` scales the h-space edit, as Asyrp's
+# `hs_coeff_delta_h`); without `--masks` it segments with
 # `diffseg-distilled` (or `--mask-method`). Editors train and cache on first use, with progress. `dermnb eval edit`
 # scores an edited folder against its originals: `fid`, `s_dir`, `ns_lpips`, `n`.
 
 # %%
 #| export
-def cmd_edit(args # parsed arguments: images, masks, attribute, direction, method, out, mask_method, profile, root, device, seed
+def cmd_edit(args # parsed arguments: images, masks, attribute, direction, method, out, mask_method, profile, root, device, seed, strength
             )->int:
     "Edit a folder of images (CPDE or a baseline)."
     from dermnb.cpde import edit_folder, Edit
     Edit(args.attribute, args.direction)                      # an unknown attribute fails before any model loads
     print(f'loading the {args.method} editor (trained and cached on first use) ...', file=sys.stderr)
     files = edit_folder(args.images, args.out, args.attribute, args.direction, args.method, args.masks, args.mask_method,
-                        args.profile, args.root, args.device, args.seed)
+                        args.profile, args.root, args.device, args.seed, args.strength)
     print(f'edit: {len(files)} edited images written to {args.out}')
     return 0
 
@@ -403,6 +404,7 @@ def build_parser()->argparse.ArgumentParser:
     ed.add_argument('--mask-method', dest='mask_method', choices=['diffseg-distilled', 'unet'], default='diffseg-distilled')
     ed.add_argument('--out', required=True); ed.add_argument('--profile', choices=sorted(PROFILES), default='quick')
     ed.add_argument('--root'); ed.add_argument('--device', default='auto'); ed.add_argument('--seed', type=int, default=0)
+    ed.add_argument('--strength', type=float, default=1., help="scale of the h-space edit at sampling (Asyrp's hs_coeff_delta_h; >1 stronger)")
     ed.set_defaults(fn=cmd_edit)
     c = sub.add_parser('caption', help='concept-rich captions with provenance, as JSONL')
     c.add_argument('--dataset', required=True, help="isic2018_task1, isic2019, ph2, derm7pt (comma-separated) or 'all'")
@@ -469,6 +471,8 @@ p = build_parser()
 a = p.parse_args(['generate', '--method', 'base', '--n', '4', '--out', 'x', '--seed', '3'])
 test_eq((a.fn, a.n, a.seed, a.profile), (cmd_generate, 4, 3, 'quick'))
 test_eq(p.parse_args(['train', 'base', '--refresh']).fn, cmd_train_base)
+a = p.parse_args(['edit', '--images', 'i', '--attribute', 'streaks', '--direction', 'add', '--out', 'o', '--strength', '2'])
+test_eq((a.fn, a.method, a.strength, a.mask_method), (cmd_edit, 'cpde', 2., 'diffseg-distilled'))
 
 # %% [markdown]
 # The data commands parse, `check` passes on the shared root's ENHANCE and TAEF2 files, and `add` names a missing file in one line

@@ -76,7 +76,7 @@
 # dermnb caption --dataset NAME|all --out FILE.jsonl           # concept-rich captions with provenance
 # dermnb generate --method lesiongen --prompt TEXT --n N --out DIR [--seed S] [--guidance G] [--steps K]
 # dermnb generate --method skindualgen --prompt TEXT --n N --out DIR   # SYN_xxxxxx.jpg + SYN_xxxxxx_segmentation.png pairs
-# dermnb edit --images DIR [--masks DIR] --attribute NAME --direction add|remove --method cpde|asyrp|diffusionclip --out DIR
+# dermnb edit --images DIR [--masks DIR] --attribute NAME --direction add|remove --method cpde|asyrp|diffusionclip --out DIR [--strength K]
 # dermnb eval edit --orig DIR --edited DIR --masks DIR --attribute NAME --direction add|remove [--json]
 # dermnb train base --profile quick|full [--refresh]        # train (or refresh) the shared base model, with an ETA
 # dermnb generate --method base --n N --out DIR [--seed S]  # sample it into PNGs (readable by dermnb eval fid)
