@@ -5,6 +5,7 @@
 # %% ../nbs/06_diffseg.ipynb #242c613a
 from __future__ import annotations
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +19,7 @@ from tqdm.auto import tqdm
 from .core import (Config, DataError, DermnbError, get_device, make_generator, load_image, load_mask, get_profile,
                          cached_dir, image_to_tensor, image_files, save_image, atomic_save, overlay_contours)
 from .data import Record, get_split, fit_square
-from .diffusion import Backbone, predict_noise_multi, ddim_translate
+from .diffusion import Backbone, predict_noise_multi, ddim_translate, weights_layout
 from .metrics import ged_terms, seg_metrics
 from .segmenter import (dense_crf, CRFParams, otsu_segment, colour_segment, predict_proba, load_segmenter,
                               SegmenterConfig, PseudoMaskDataset, DARK)
@@ -227,7 +228,8 @@ def diffusion_difference(bb:Backbone, # trained backbone knowing both semantics
     z0 = bb.encode(images.to(bb.device))
     lesion, healthy = conds or _conditions(bb)
     guided = cfg.guidance != 1 and bb.null(1) is not None
-    outs = (_translation_maps if cfg.signal == 'translation' else _difference_maps)(bb, z0, cfg, lesion, healthy, guided)
+    with weights_layout(bb.unet) if bb.device.type == 'cpu' else nullcontext():   # oneDNN's fast layout, same values
+        outs = (_translation_maps if cfg.signal == 'translation' else _difference_maps)(bb, z0, cfg, lesion, healthy, guided)
     d = torch.cat(outs).view(-1, B, *outs[0].shape[-2:]).transpose(0, 1).float()     # (B, K, h, w)
     if d.shape[-1] != images.shape[-1]: d = F.interpolate(d, size=images.shape[-2:], mode='bilinear', align_corners=False)
     d = d.cpu().numpy()

@@ -5,6 +5,7 @@
 # %% ../nbs/03_diffusion.ipynb #616aba30
 from __future__ import annotations
 import os, json, tempfile, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -22,9 +23,9 @@ from .pretrained import minilm_dir
 __all__ = ['TEXT_ENCODERS', 'UNET_LORA_TARGETS', 'TEXT_LORA_TARGETS', 'LORA_FILE', 'SD_DEFAULT_MODEL', 'TAEBlock', 'tae_encoder',
            'tae_decoder', 'TinyAE', 'LatentAE', 'taef2_dir', 'load_taef2', 'recon_psnr', 'DualTinyAE', 'load_sd_vae',
            'make_unet', 'make_scheduler', 'widen_unet_io', 'cond_kwargs', 'unet_eps', 'to_eps', 'predict_noise_multi',
-           'guided_eps', 'ddim_sample', 'ddim_invert', 'ddim_translate', 'HSpaceHook', 'hspace_hook', 'TextEncoder',
-           'load_minilm', 'load_text_encoder', 'add_lora', 'save_lora', 'load_lora', 'tiny_clip_tokenizer',
-           'tiny_sd_pipeline', 'sd_model_id', 'load_sd_pipeline', 'Backbone', 'load_ae']
+           'weights_layout', 'guided_eps', 'ddim_sample', 'ddim_invert', 'ddim_translate', 'HSpaceHook', 'hspace_hook',
+           'TextEncoder', 'load_minilm', 'load_text_encoder', 'add_lora', 'save_lora', 'load_lora',
+           'tiny_clip_tokenizer', 'tiny_sd_pipeline', 'sd_model_id', 'load_sd_pipeline', 'Backbone', 'load_ae']
 
 # %% ../nbs/03_diffusion.ipynb #d765c3c2
 def _conv3(n_in, n_out, **kw): return nn.Conv2d(n_in, n_out, 3, padding=1, **kw)
@@ -318,6 +319,18 @@ def predict_noise_multi(unet:nn.Module, # a diffusers UNet
     out = unet_eps(unet, x_t.repeat(K, 1, 1, 1), t.repeat(K), c)
     if scheduler is not None: out = to_eps(out, x_t.repeat(K, 1, 1, 1), t.repeat(K), scheduler)
     return out.view(K, B, *x_t.shape[1:])
+
+# %% ../nbs/03_diffusion.ipynb #1edf9d39
+@contextmanager
+def weights_layout(module:nn.Module, # a model whose 4-D (convolution) weights change layout
+                   memory_format=torch.channels_last # the layout inside the block
+                  ):
+    "Store `module`'s 4-D parameters in `memory_format` inside the block; restore the previous layout after."
+    before = [p for p in module.parameters() if p.ndim == 4 and p.is_contiguous()]
+    module.to(memory_format=memory_format)
+    try: yield module
+    finally:
+        for p in before: p.data = p.data.contiguous()
 
 # %% ../nbs/03_diffusion.ipynb #cb18e64e
 def guided_eps(unet:nn.Module, # a diffusers UNet

@@ -10,6 +10,7 @@
 #| export
 from __future__ import annotations
 import os, json, tempfile, warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -547,6 +548,40 @@ test_close(to_eps(sv.get_velocity(x0_, n_, tv), xt_, tv, sv), n_, eps=1e-4)     
 with torch.no_grad():
     mv = predict_noise_multi(uc, xt_, tv, [0, 1], scheduler=sv)
     test_close(mv[0], to_eps(unet_eps(uc, xt_, tv, 0), xt_, tv, sv), eps=1e-5)
+
+
+# %% [markdown]
+# Many UNet evaluations in a row on a CPU (DiffSeg's K·B noisy copies, each under three conditions) run faster when
+# the UNet's convolution weights are stored channels-last: oneDNN then keeps the whole network in its blocked NHWC
+# layout instead of reordering at every convolution (`benchmarks/diffseg_batching.py` measures it). The values are
+# the same to float rounding. `weights_layout` switches the layout for the duration of a block and restores it after,
+# because safetensors (`save_pretrained`) refuses non-contiguous weights.
+
+# %%
+#| export
+@contextmanager
+def weights_layout(module:nn.Module, # a model whose 4-D (convolution) weights change layout
+                   memory_format=torch.channels_last # the layout inside the block
+                  ):
+    "Store `module`'s 4-D parameters in `memory_format` inside the block; restore the previous layout after."
+    before = [p for p in module.parameters() if p.ndim == 4 and p.is_contiguous()]
+    module.to(memory_format=memory_format)
+    try: yield module
+    finally:
+        for p in before: p.data = p.data.contiguous()
+
+
+# %%
+wl = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                 norm_num_groups=4, down_block_types=('DownBlock2D',) * 2, up_block_types=('UpBlock2D',) * 2).eval()
+xw = torch.randn(2, 3, 8, 8)
+with torch.no_grad():
+    ref = wl(xw, 5).sample
+    with weights_layout(wl):
+        assert wl.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and not wl.conv_in.weight.is_contiguous()
+        test_close(wl(xw, 5).sample, ref, eps=1e-5)                 # same values in the fast layout
+assert all(p.is_contiguous() for p in wl.parameters())              # restored: save_pretrained accepts it
+with tempfile.TemporaryDirectory() as d: wl.save_pretrained(d)
 
 
 # %% [markdown]
