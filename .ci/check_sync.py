@@ -54,6 +54,14 @@ problems += [f'layering: dermnb.{m} (line {l}) imports dermnb.{n}, whose noteboo
 r = subprocess.run([sys.executable, str(root/'.ci'/'make_readme.py'), '--check'], capture_output=True, text=True)
 if r.returncode: problems.append(r.stderr.strip() or 'README.md out of date')
 
+# 3b. figures/README.md's results table is the same generated table (a figure run into another folder and copied
+#     here leaves it stale: regenerate with dermnb.runner.write_index)
+sys.path.insert(0, str(root))
+from dermnb.runner import results_markdown
+fig_readme = root/'figures'/'README.md'
+if fig_readme.exists() and results_markdown(root/'figures', link_prefix='') not in fig_readme.read_text():
+    problems.append('figures/README.md results table is out of date with the figure CSVs (dermnb.runner.write_index([], "figures"))')
+
 if problems:
     print('Out of sync:\n  ' + '\n  '.join(problems)); sys.exit(1)
 print('check_sync: notebooks, pairs, package and README agree')
