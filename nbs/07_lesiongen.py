@@ -724,9 +724,16 @@ def classifier_arms(real_X:np.ndarray, # features of the real training pool
                     test_y:np.ndarray, # test class indices
                     groups:pd.DataFrame, # `subgroups` of the test records
                     n:int=600, # training images per arm
-                    seeds:Sequence[int]=(0, 1, 2) # repetitions
+                    seeds:Sequence[int]=(0, 1, 2), # repetitions
+                    val:tuple|None=None, # (features, classes) of a real validation split: each arm's C is chosen on it
+                    Cs:Sequence[float]=(0.003, 0.01, 0.03, 0.05) # inverse L2 strengths tried on `val`
                    )->pd.DataFrame:
     "Per arm and seed: accuracy, balanced accuracy, per-class recall, and the worst subgroup per attribute."
+    def head(X, y, s):
+        "The arm's classifier: fixed C, or the C with the best validation balanced accuracy."
+        if val is None: return fit_linear_head(X, y, s), 0.05
+        fits = [(fit_linear_head(X, y, s, C), C) for C in Cs]
+        return max(fits, key=lambda f: _balacc(val[1], f[0].predict(val[0])))
     rows = []
     for s in seeds:
         rng = np.random.default_rng(s)
@@ -735,8 +742,8 @@ def classifier_arms(real_X:np.ndarray, # features of the real training pool
         mix = lambda k: tuple(np.concatenate([r[:k], q[:n - k] if k < n else q]) for r, q in zip(real, syn))
         arms = {'real-only': real, 'synthetic-only': syn, 'real + synthetic': mix(n // 2), 'real + synthetic (added)': mix(n)}
         for arm, (X, y) in arms.items():
-            p = fit_linear_head(X, y, s).predict(test_X)
-            row = {'arm': arm, 'seed': s, 'n_train': len(y), 'accuracy': float((p == test_y).mean()), 'balanced_accuracy': _balacc(test_y, p)}
+            m, C = head(X, y, s); p = m.predict(test_X)
+            row = {'arm': arm, 'seed': s, 'n_train': len(y), 'C': C, 'accuracy': float((p == test_y).mean()), 'balanced_accuracy': _balacc(test_y, p)}
             row.update({f'recall {c}': float((p[test_y == i] == i).mean()) for i, c in enumerate(CLASSES) if (test_y == i).any()})
             sub = subgroup_table(test_y, p, groups)
             for a, g in sub.groupby('attribute'):
@@ -756,6 +763,12 @@ arms_ = classifier_arms(Xr, yr, Xs, ys, Xr, yr, grp, n=60, seeds=(0, 1))
 test_eq(sorted(arms_.arm.unique()), ['real + synthetic', 'real + synthetic (added)', 'real-only', 'synthetic-only']); test_eq(len(arms_), 8)
 test_eq(arms_.groupby('arm').n_train.first().to_dict(), {'real + synthetic': 60, 'real + synthetic (added)': 120, 'real-only': 60, 'synthetic-only': 60})
 assert (arms_.balanced_accuracy > .6).all() and {'worst sex', 'worst sex group', 'worst subgroup'} <= set(arms_.columns)
+Xv_, yv_ = Xr[::2] + g_.normal(size=(60, 6)), yr[::2]                # a noisier "validation split"
+armv = classifier_arms(Xr, yr, Xs, ys, Xr, yr, grp, n=60, seeds=(0,), val=(Xv_, yv_), Cs=(1e-3, 1.))
+test_eq(armv.columns[3], 'C'); assert set(armv.C) <= {1e-3, 1.}
+rng_ = np.random.default_rng(0); ri_ = rng_.permutation(120)               # the real-only arm's draw, refitted at both Cs
+va_ = {C: _balacc(yv_, fit_linear_head(Xr[ri_[:60]], yr[ri_[:60]], 0, C).predict(Xv_)) for C in (1e-3, 1.)}
+test_eq(armv.set_index('arm').C['real-only'], max(va_, key=va_.get))   # the C with the better validation score
 
 
 # %% [markdown]
