@@ -655,12 +655,14 @@ CLASSES = ('melanoma', 'nevus', 'benign keratosis', 'basal cell carcinoma', 'oth
 def fit_linear_head(X:np.ndarray, # features (N, 1280)
                     y:np.ndarray, # class indices
                     seed:int=0, # solver seed
-                    C:float=0.05 # inverse L2 strength
+                    C:float=0.05, # inverse L2 strength
+                    sample_weight:np.ndarray|None=None # per-image weights (e.g. synthetic images down-weighted)
                    ):
     "A balanced multinomial logistic regression on standardised features (the classifier of every arm)."
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight='balanced', max_iter=3000, random_state=seed)).fit(X, y)
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight='balanced', max_iter=3000, random_state=seed)).fit(
+        X, y, logisticregression__sample_weight=sample_weight)
 
 
 # %%
@@ -726,13 +728,15 @@ def classifier_arms(real_X:np.ndarray, # features of the real training pool
                     n:int=600, # training images per arm
                     seeds:Sequence[int]=(0, 1, 2), # repetitions
                     val:tuple|None=None, # (features, classes) of a real validation split: each arm's C is chosen on it
-                    Cs:Sequence[float]=(0.003, 0.01, 0.03, 0.05) # inverse L2 strengths tried on `val`
+                    Cs:Sequence[float]=(0.003, 0.01, 0.03, 0.05), # inverse L2 strengths tried on `val`
+                    syn_weights:Sequence[float]=(1.,) # weights of synthetic images tried on `val` in the mixed arms
                    )->pd.DataFrame:
     "Per arm and seed: accuracy, balanced accuracy, per-class recall, and the worst subgroup per attribute."
-    def head(X, y, s):
-        "The arm's classifier: fixed C, or the C with the best validation balanced accuracy."
-        if val is None: return fit_linear_head(X, y, s), 0.05
-        fits = [(fit_linear_head(X, y, s, C), C) for C in Cs]
+    def head(X, y, s, is_syn):
+        "The arm's classifier: fixed C, or the (C, synthetic weight) with the best validation balanced accuracy."
+        if val is None: return fit_linear_head(X, y, s), 0.05, 1.
+        ws = syn_weights if 0 < is_syn.sum() < len(is_syn) else (1.,)
+        fits = [(fit_linear_head(X, y, s, C, np.where(is_syn, w, 1.)), C, w) for C in Cs for w in ws]
         return max(fits, key=lambda f: _balacc(val[1], f[0].predict(val[0])))
     rows = []
     for s in seeds:
@@ -741,9 +745,10 @@ def classifier_arms(real_X:np.ndarray, # features of the real training pool
         real, syn = (real_X[ri[:n]], real_y[ri[:n]]), (syn_X[s][si[:n]], syn_y[s][si[:n]])
         mix = lambda k: tuple(np.concatenate([r[:k], q[:n - k] if k < n else q]) for r, q in zip(real, syn))
         arms = {'real-only': real, 'synthetic-only': syn, 'real + synthetic': mix(n // 2), 'real + synthetic (added)': mix(n)}
+        n_real = {'real-only': n, 'synthetic-only': 0, 'real + synthetic': n // 2, 'real + synthetic (added)': n}
         for arm, (X, y) in arms.items():
-            m, C = head(X, y, s); p = m.predict(test_X)
-            row = {'arm': arm, 'seed': s, 'n_train': len(y), 'C': C, 'accuracy': float((p == test_y).mean()), 'balanced_accuracy': _balacc(test_y, p)}
+            m, C, w = head(X, y, s, np.arange(len(y)) >= n_real[arm]); p = m.predict(test_X)
+            row = {'arm': arm, 'seed': s, 'n_train': len(y), 'C': C, 'syn_weight': w, 'accuracy': float((p == test_y).mean()), 'balanced_accuracy': _balacc(test_y, p)}
             row.update({f'recall {c}': float((p[test_y == i] == i).mean()) for i, c in enumerate(CLASSES) if (test_y == i).any()})
             sub = subgroup_table(test_y, p, groups)
             for a, g in sub.groupby('attribute'):
@@ -769,6 +774,12 @@ test_eq(armv.columns[3], 'C'); assert set(armv.C) <= {1e-3, 1.}
 rng_ = np.random.default_rng(0); ri_ = rng_.permutation(120)               # the real-only arm's draw, refitted at both Cs
 va_ = {C: _balacc(yv_, fit_linear_head(Xr[ri_[:60]], yr[ri_[:60]], 0, C).predict(Xv_)) for C in (1e-3, 1.)}
 test_eq(armv.set_index('arm').C['real-only'], max(va_, key=va_.get))   # the C with the better validation score
+armw = classifier_arms(Xr, yr, Xs, ys, Xr, yr, grp, n=60, seeds=(0,), val=(Xv_, yv_), Cs=(1.,), syn_weights=(1., .1))
+test_eq(armw.set_index('arm').syn_weight[['real-only', 'synthetic-only']].tolist(), [1., 1.])   # no synthetic weight to choose
+assert set(armw.syn_weight) <= {1., .1}
+coef_ = lambda w: fit_linear_head(Xr, yr, 0, 1., w)[-1].coef_
+test_close(coef_(np.ones(120)), coef_(None), eps=1e-6)                      # unit weights = no weights
+assert np.abs(coef_(np.r_[np.ones(60), np.full(60, .1)]) - coef_(None)).max() > 1e-3   # the weights do reach the fit
 
 
 # %% [markdown]

@@ -118,7 +118,8 @@ lap('grids')
 # ones from the rich LoRA, class-balanced; every arm scored on the ISIC 2019 test split. Each arm's L2 strength C is
 # chosen on the real ISIC 2019 validation split (column `C`): with one fixed C for all arms, a comparison between
 # arms partly measures which arm that C happens to suit (at C = 0.05, real-only scored below what it reaches at its
-# own best C).
+# own best C). The mixed arms also choose, on the same validation split, how much a synthetic image counts against a
+# real one (`syn_weight`, from 1 down to 0.1): synthetic images that are easier than real ones should not outvote them.
 
 # %%
 i19_train = [r for r in get_split('isic2019', 'train', root) if CLASS_GROUPS.get(r.diagnosis)]
@@ -136,7 +137,8 @@ net = load_segmenter(SegmenterConfig.for_profile(profile), root, device)
 from dermnb.core import load_image
 test_masks = {r.id: p > .5 for r, p in zip(i19_test, predict_proba(net, [load_image(r.image) for r in i19_test]))}
 groups = subgroups(i19_test, test_masks)
-arms = classifier_arms(real_X, real_y, syn_X, syn_y, test_X, test_y, groups, n=S['n_arm'], seeds=S['seeds'], val=(val_X, val_y))
+arms = classifier_arms(real_X, real_y, syn_X, syn_y, test_X, test_y, groups, n=S['n_arm'], seeds=S['seeds'], val=(val_X, val_y),
+                       syn_weights=(1., .5, .25, .1))
 out.csv(arms, 'classifier_arms')
 summary = arms.groupby('arm', sort=False)[['accuracy', 'balanced_accuracy', 'worst subgroup']].agg(['mean', 'std'])
 summary.columns = [' '.join(c) for c in summary.columns]; summary = summary.reset_index()
