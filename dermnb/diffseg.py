@@ -22,20 +22,20 @@ from .data import Record, get_split, fit_square
 from .diffusion import Backbone, predict_noise_multi, ddim_translate, weights_layout
 from .metrics import ged_terms, seg_metrics
 from .segmenter import (dense_crf, CRFParams, otsu_segment, colour_segment, predict_proba, load_segmenter,
-                              SegmenterConfig, PseudoMaskDataset, DARK)
+                              SegmenterConfig, PseudoMaskDataset, DARK, vignette_mask, central_component)
 from .training import TrainConfig, train_cached, load_trained
 
 # %% auto #0
-__all__ = ['LESION', 'HEALTHY', 'CLASS_NAMES', 'WEAK_STYLES', 'SIGNALS', 'DIFFSEG_V1', 'DIFFSEG_TRANSLATION', 'LUMA', 'WEAK_DATA',
-           'T_BAND', 'THRESHOLDS', 'FLOOR_PERCENTILES', 'CRF_GRID', 'CRF_CLIPS', 'TABLE_METRICS', 'PSEUDO_SOURCES',
-           'TRANSLATION_GUIDANCES', 'dark_mask', 'corner_boxes', 'skin_corners', 'healthy_tile', 'WeakSkinDataset',
-           'DiffSegConfig', 'evidence', 'diffusion_difference', 'binarize_maps', 'consistency_maps',
-           'output_uncertainty', 'lesion_shape', 'crf_unary', 'guarded_crf', 'DiffSeg', 'diffseg_train_config',
-           'load_diffseg_backbone', 'calibrate', 'evaluate_diffseg', 'evaluate_method', 'comparison_table',
-           'uncertainty_error_correlation', 'otsu_method', 'colour_method', 'unet_method', 'pseudo_label',
-           'pseudo_dataset', 'distilled_method', 'segment_folder', 'load_diffseg', 'diffseg_method', 'train_split_dice',
-           'load_translation', 'load_teacher', 'load_distilled', 'noise_predictions', 'plot_difference', 'plot_steps',
-           'plot_consistency', 'plot_table']
+__all__ = ['LESION', 'HEALTHY', 'CLASS_NAMES', 'WEAK_STYLES', 'SIGNALS', 'KEEPS', 'VIGNETTE_RIM', 'DIFFSEG_V1',
+           'DIFFSEG_TRANSLATION', 'LUMA', 'WEAK_DATA', 'T_BAND', 'THRESHOLDS', 'FLOOR_PERCENTILES', 'CRF_GRID',
+           'CRF_CLIPS', 'TABLE_METRICS', 'PSEUDO_SOURCES', 'TRANSLATION_GUIDANCES', 'dark_mask', 'corner_boxes',
+           'skin_corners', 'healthy_tile', 'WeakSkinDataset', 'DiffSegConfig', 'evidence', 'diffusion_difference',
+           'binarize_maps', 'consistency_maps', 'output_uncertainty', 'lesion_shape', 'crf_unary', 'guarded_crf',
+           'DiffSeg', 'diffseg_train_config', 'load_diffseg_backbone', 'training_sample', 'calibrate',
+           'evaluate_diffseg', 'evaluate_method', 'comparison_table', 'uncertainty_error_correlation', 'otsu_method',
+           'colour_method', 'unet_method', 'pseudo_label', 'pseudo_dataset', 'distilled_method', 'segment_folder',
+           'load_diffseg', 'diffseg_method', 'train_split_dice', 'load_translation', 'load_teacher', 'load_distilled',
+           'noise_predictions', 'plot_difference', 'plot_steps', 'plot_consistency', 'plot_table']
 
 # %% ../nbs/06_diffseg.ipynb #ef7cb5f7
 def dark_mask(img:Image.Image # RGB dermoscopic image
@@ -116,6 +116,8 @@ class WeakSkinDataset(torch.utils.data.Dataset):
 
 # %% ../nbs/06_diffseg.ipynb #912e097d
 SIGNALS = ('signed', 'unsigned', 'translation')
+KEEPS = ('all', 'largest', 'central')
+VIGNETTE_RIM = 8   # image pixels the vignette is grown by: one model pixel at 256 px, where the maps blur its edge
 
 @dataclass(frozen=True)
 class DiffSegConfig(Config):
@@ -132,7 +134,8 @@ class DiffSegConfig(Config):
     threshold:float|None=None     # fixed threshold in map units (chosen on the training split); None = Otsu on the mean map
     min_evidence:float=0.         # an image whose mean map's 99th percentile stays below this gets an empty mask (shared norm only)
     fill_holes:bool=True          # fill holes of the fused mask
-    keep_largest:bool=False       # keep only the largest connected component (one lesion per dermoscopic image)
+    keep:str='all'                # which connected components a mask keeps: 'all', 'largest' or 'central' (one lesion per image)
+    exclude_vignette:bool=True    # the image's vignette (dark, border-connected, see `vignette_mask`) is never lesion
     crf:CRFParams=CRFParams()     # DenseCRF pairwise parameters (chosen on the training split)
     crf_unary:str='clipped'       # 'clipped': 0.5 + (map - threshold) clipped to [crf_clip, 1 - crf_clip]; 'minmax' (v1)
     crf_clip:float=.2             # confidence cap of the CRF unary
@@ -145,6 +148,7 @@ class DiffSegConfig(Config):
             raise DermnbError(f"the translation variant is deterministic (DDIM): give one seed, not seeds={self.seeds}; its outputs come from the timesteps")
         if self.norm not in ('shared', 'per-map'): raise DermnbError(f"DiffSegConfig.norm must be 'shared' or 'per-map', not {self.norm!r}")
         if self.crf_unary not in ('clipped', 'minmax'): raise DermnbError(f"DiffSegConfig.crf_unary must be 'clipped' or 'minmax', not {self.crf_unary!r}")
+        if self.keep not in KEEPS: raise DermnbError(f"DiffSegConfig.keep must be one of {KEEPS}, not {self.keep!r}")
 
     @classmethod
     def from_dict(cls, d:dict):
@@ -155,7 +159,7 @@ class DiffSegConfig(Config):
 
 # the first version's pipeline, kept as the ablation's starting row
 DIFFSEG_V1 = DiffSegConfig(timesteps=(60, 90, 120, 150), guidance=1., signal='unsigned', norm='per-map', fill_holes=False,
-                           crf_unary='minmax', crf_max_area_change=0.)
+                           crf_unary='minmax', crf_max_area_change=0., exclude_vignette=False)
 # the translation variant: one output per strength t*, guidance 5 (chosen on the training split, see the figure)
 DIFFSEG_TRANSLATION = DiffSegConfig(signal='translation', timesteps=(200, 300, 400), seeds=(0,), guidance=5.)
 
@@ -265,11 +269,12 @@ def output_uncertainty(outputs:np.ndarray # binary outputs (K, H, W) of one imag
 
 # %% ../nbs/06_diffseg.ipynb #9efa4144
 def lesion_shape(mask:np.ndarray, # binary mask (H, W)
-                 cfg:DiffSegConfig # its `keep_largest` and `fill_holes`
+                 cfg:DiffSegConfig # its `keep` and `fill_holes`
                 )->np.ndarray:
-    "One dermoscopic lesion: keep the largest connected component and fill its holes, as the config says."
-    if cfg.keep_largest and mask.any():
+    "One dermoscopic lesion: keep the largest or the central connected component and fill its holes, as the config says."
+    if cfg.keep == 'largest' and mask.any():
         lab, n = ndi.label(mask); mask = lab == (np.argmax(ndi.sum(mask, lab, range(1, n + 1))) + 1)
+    elif cfg.keep == 'central': mask = central_component(mask)
     return ndi.binary_fill_holes(mask) if cfg.fill_holes else mask
 
 # %% ../nbs/06_diffseg.ipynb #509f95d1
@@ -328,11 +333,18 @@ class DiffSeg:
                   crf:bool=True # also compute the guarded CRF mask
                  )->dict:
         "Outputs, fused mask, CRF mask, consistency and uncertainty of one image from its maps."
-        mean = maps.mean(0); thr = self.threshold_of(mean)
-        outs = maps > thr; fused = lesion_shape(mean > thr, self.cfg)
+        c, mean = self.cfg, maps.mean(0)
+        valid = ~vignette_mask(im.convert('RGB'), VIGNETTE_RIM) if c.exclude_vignette else np.ones(mean.shape, bool)
+        if valid.sum() < .1 * valid.size: valid[:] = True                  # (nearly) all vignette: nothing to exclude
+        thr = self.threshold_of(mean[valid])
+        outs = np.stack([lesion_shape(o & valid, c) for o in maps > thr])   # each output is one lesion mask, like the fused one
+        fused = lesion_shape((mean > thr) & valid, c)
         r = {'outputs': outs, 'mean_map': mean, 'threshold': thr, 'mask': fused, 'uncertainty': output_uncertainty(outs),
              **consistency_maps(outs)}
-        if crf: r['crf_mask'], r['crf_rejected'] = guarded_crf(np.asarray(im.convert('RGB')), mean, fused, thr, self.cfg)
+        if crf:
+            m_crf = np.where(valid, mean, min(mean.min(), thr - 1))       # the vignette enters the CRF as confident skin
+            r['crf_mask'], r['crf_rejected'] = guarded_crf(np.asarray(im.convert('RGB')), m_crf, fused, thr, c)
+            r['crf_mask'] &= valid
         return r
 
     def segment(self, images:Sequence, # PIL images or paths
@@ -387,11 +399,21 @@ FLOOR_PERCENTILES = (25, 50)
 CRF_GRID = {'sxy_bilateral': [40., 80.], 'srgb': [10., 30.], 'compat_bilateral': [2., 5.]}
 CRF_CLIPS = (.1, .3)
 
+def training_sample(root:str|Path|None=None, # data root
+                    n:int|None=None, # how many (None = the whole split, shuffled)
+                    seed:int=0 # sample seed
+                   )->list:
+    "A seeded random sample of the ISIC 2018 training split: the same images on every machine."
+    recs = get_split('isic2018_task1', 'train', root)
+    return [recs[i] for i in np.random.default_rng(seed).permutation(len(recs))[:n]]
+
 def calibrate(ds:DiffSeg, # DiffSeg with a trained backbone
               records:Sequence[Record], # training-split records with masks
               thresholds:Sequence=THRESHOLDS, # candidates (None = Otsu on the mean map)
               crf_grid:dict|None=None, # DenseCRF pairwise grid (field -> values); default CRF_GRID
               crf_clips:Sequence=CRF_CLIPS, # unary clip candidates (clipped unary only)
+              keeps:Sequence=KEEPS, # component rules to choose from (see `lesion_shape`)
+              floor_tolerance:float=.005, # training Dice an evidence floor may cost and still be preferred
               crf_n:int=32, # images the CRF grid is scored on (the first ones)
               progress:bool=False # progress bar over the grid
              )->tuple:
@@ -416,11 +438,12 @@ def calibrate(ds:DiffSeg, # DiffSeg with a trained backbone
         d = DiffSeg(ds.bb, c)
         return float(np.mean([seg_metrics(d.from_maps(i, m, crf=False)['mask'], g)['dice'] for i, m, g in zip(ims, maps, gts)]))
     cands = []
-    for th, fl, kl in itertools.product(thresholds, floors, (False, True)):
-        c = cfg.replace(threshold=th, min_evidence=fl, keep_largest=kl); dice = dice_at(c); cands.append((dice, c))
+    for th, fl, kp in itertools.product(thresholds, floors, keeps):
+        c = cfg.replace(threshold=th, min_evidence=fl, keep=kp); dice = dice_at(c); cands.append((dice, c))
         rows.append({'param': 'mask rule', 'value': json.dumps({'threshold': 'otsu' if th is None else th, 'min_evidence': round(fl, 4),
-                                                                'keep_largest': kl}), 'dice': dice})
-    cfg = max(cands, key=lambda t: (round(t[0], 4), t[1].min_evidence))[1]   # ties: the higher floor (empty on no evidence)
+                                                                'keep': kp}), 'dice': dice})
+    best = max(d for d, _ in cands)     # near-ties (within floor_tolerance): the higher floor (empty on no evidence), then Dice
+    cfg = max((t for t in cands if t[0] >= best - floor_tolerance), key=lambda t: (t[1].min_evidence, t[0]))[1]
     ims, gts, maps = ims[:crf_n], gts[:crf_n], maps[:crf_n]
     fused = [DiffSeg(ds.bb, cfg).from_maps(i, m, crf=False) for i, m in zip(ims, maps)]
     grid = crf_grid or CRF_GRID
@@ -616,9 +639,10 @@ def load_diffseg(profile:str='quick', # run profile
     "The trained and calibrated DiffSeg of a profile (both cached); `.calibration` holds the candidates' table."
     bb = load_diffseg_backbone(profile, root, device, progress, style, t_range)
     base = cfg or DiffSegConfig()
-    key = {'model': bb.cache_dir.name, 'config': base.to_dict(), 'n_calibration': n_calibration, 'split_seed': 0, 'crf_grid': CRF_GRID, 'crf_clips': CRF_CLIPS, 'v': 5}
+    key = {'model': bb.cache_dir.name, 'config': base.to_dict(), 'n_calibration': n_calibration, 'split_seed': 0, 'crf_grid': CRF_GRID,
+           'crf_clips': CRF_CLIPS, 'keeps': KEEPS, 'sample': 'random(seed0)', 'floor_tolerance': .005, 'v': 7}
     def build(d):
-        c, tab = calibrate(DiffSeg(bb, base), get_split('isic2018_task1', 'train', root)[:n_calibration], progress=progress)
+        c, tab = calibrate(DiffSeg(bb, base), training_sample(root, n_calibration), progress=progress)
         (d/'calibration.json').write_text(json.dumps(c.to_dict())); tab.to_csv(d/'calibration.csv', index=False)
     d = cached_dir('diffseg-calibration', key, build)
     ds = DiffSeg(bb, DiffSegConfig.from_dict(json.loads((d/'calibration.json').read_text())))
@@ -677,10 +701,9 @@ def load_distilled(profile:str='quick', # run profile
     ds = ds or load_teacher(profile, root, device, progress)
     if n_train is None: n_train = 800 if get_profile(profile).name == 'quick' else 0   # quick: half the split, for the CPU budget
     base = SegmenterConfig.for_profile(profile)
-    cfg = base.replace(labels=f'diffseg-pseudo:{ds.cache_dir.name}:{source}:{n_train or "all"}')
+    cfg = base.replace(labels=f'diffseg-pseudo:{ds.cache_dir.name}:{source}:{n_train or "all"}:random(seed0)')
     def data():
-        recs_ = get_split('isic2018_task1', 'train', root)
-        pds_ = pseudo_dataset(ds, recs_[:n_train] if n_train else recs_, cfg.size, cfg.fit, source, progress=progress)
+        pds_ = pseudo_dataset(ds, training_sample(root, n_train or None), cfg.size, cfg.fit, source, progress=progress)
         data.stats = pds_.stats; return pds_
     net = load_segmenter(cfg, root, device, dataset_fn=data)
     if hasattr(data, 'stats'): atomic_save(net.cache_dir/'pseudo_labels.json', lambda t: Path(t).write_text(json.dumps(data.stats)))

@@ -22,8 +22,9 @@ from .pretrained import load_effnet_lite0, lite0_pyramid, LITE0_TAP_CHANNELS
 from .metrics import seg_metrics
 
 # %% auto #0
-__all__ = ['DARK', 'otsu_segment', 'colour_segment', 'CRFParams', 'dense_crf', 'crf_grid_search', 'LesionUNet', 'SegmenterConfig',
-           'seg_loss', 'PseudoMaskDataset', 'train_segmenter', 'load_segmenter', 'predict_proba', 'unfit_square']
+__all__ = ['DARK', 'otsu_segment', 'vignette_mask', 'central_component', 'colour_segment', 'CRFParams', 'dense_crf',
+           'crf_grid_search', 'LesionUNet', 'SegmenterConfig', 'seg_loss', 'PseudoMaskDataset', 'train_segmenter',
+           'load_segmenter', 'predict_proba', 'unfit_square']
 
 # %% ../nbs/05_segmenter.ipynb #4ab134e5
 def otsu_segment(image, # PIL image or HxWx3 array
@@ -44,6 +45,31 @@ def otsu_segment(image, # PIL image or HxWx3 array
 # %% ../nbs/05_segmenter.ipynb #4fddcff9
 DARK = 40   # grey level below which a pixel is vignette or frame (the colour baseline and DiffSeg's weak data)
 
+def vignette_mask(image, # PIL image or HxWx3 array
+                  dilate:int=0, # grow the vignette by this many pixels (its blurred rim)
+                  dark:int=DARK # grey level below which a pixel is dark
+                 )->np.ndarray:
+    "The dermatoscope's vignette and frame (H, W) bool: near-black regions connected to the image border."
+    a = np.asarray(load_image(image) if isinstance(image, (str, Path)) else image)[..., :3]
+    lab, n = ndi.label(a.mean(-1) < dark)
+    border = np.setdiff1d(np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])), [0])
+    v = np.isin(lab, border)
+    return ndi.binary_dilation(v, iterations=dilate) if dilate and v.any() else v
+
+# %% ../nbs/05_segmenter.ipynb #d498a155
+def central_component(fg:np.ndarray, # binary mask (H, W)
+                      min_frac:float=.01 # components smaller than this share of the image are not candidates (unless none is larger)
+                     )->np.ndarray:
+    "The sizeable connected component nearest the image centre: dermoscopy frames the lesion."
+    lab, n = ndi.label(fg)
+    if n == 0: return fg.astype(bool)
+    H, W = fg.shape; yy, xx = np.mgrid[:H, :W]
+    sizes = ndi.sum(fg, lab, range(1, n + 1))
+    dists = ndi.minimum(np.hypot(yy - (H - 1) / 2, xx - (W - 1) / 2), lab, range(1, n + 1))
+    big = [i for i in range(n) if sizes[i] >= min_frac * H * W] or list(range(n))
+    return lab == min(big, key=lambda i: dists[i]) + 1
+
+# %% ../nbs/05_segmenter.ipynb #4cb5e249
 def colour_segment(image, # PIL image or HxWx3 array
                    corner:float=.15, # side of the corner squares that model skin, as a fraction of the short side
                    sigma:float=2.0, # Gaussian smoothing of the distance map (pixels)
@@ -62,14 +88,7 @@ def colour_segment(image, # PIL image or HxWx3 array
     dist = gaussian(np.sqrt(np.einsum('ij,jk,ik->i', d, np.linalg.inv(cov), d)).reshape(H, W), sigma)
     if dist.max() - dist.min() < 1e-6: return np.zeros((H, W), bool)
     fg = (dist > threshold_otsu(dist)) & (a.mean(-1) >= dark)   # vignette is not lesion
-    lab_cc, n = ndi.label(fg)
-    if n == 0: return fg
-    yy, xx = np.mgrid[:H, :W]; cy, cx = (H - 1) / 2, (W - 1) / 2
-    sizes = ndi.sum(fg, lab_cc, range(1, n + 1))
-    dists = ndi.minimum(np.hypot(yy - cy, xx - cx), lab_cc, range(1, n + 1))
-    big = [i for i in range(n) if sizes[i] >= .01 * H * W] or list(range(n))
-    best = min(big, key=lambda i: dists[i]) + 1                # the sizeable component nearest the centre
-    return ndi.binary_fill_holes(lab_cc == best)
+    return ndi.binary_fill_holes(central_component(fg))
 
 # %% ../nbs/05_segmenter.ipynb #5b9e2c22
 @dataclass(frozen=True)

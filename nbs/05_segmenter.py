@@ -83,6 +83,60 @@ test_eq(otsu_segment(np.full((32, 32, 3), 128, np.uint8)).sum(), 0)   # flat ima
 #| export
 DARK = 40   # grey level below which a pixel is vignette or frame (the colour baseline and DiffSeg's weak data)
 
+def vignette_mask(image, # PIL image or HxWx3 array
+                  dilate:int=0, # grow the vignette by this many pixels (its blurred rim)
+                  dark:int=DARK # grey level below which a pixel is dark
+                 )->np.ndarray:
+    "The dermatoscope's vignette and frame (H, W) bool: near-black regions connected to the image border."
+    a = np.asarray(load_image(image) if isinstance(image, (str, Path)) else image)[..., :3]
+    lab, n = ndi.label(a.mean(-1) < dark)
+    border = np.setdiff1d(np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]])), [0])
+    v = np.isin(lab, border)
+    return ndi.binary_dilation(v, iterations=dilate) if dilate and v.any() else v
+
+
+# %% [markdown]
+# A dark lesion is dark too, but it sits inside the skin; the vignette is the dark region that reaches the image
+# border. Segmenters that read a map (DiffSeg) exclude it, since a model that learned bright skin lights it as
+# "not skin".
+
+# %%
+vg = np.full((40, 60, 3), 180, np.uint8); vg[:8] = 0; vg[18:24, 28:34] = 10      # a dark frame band and a dark lesion
+test_eq(vignette_mask(vg).sum(), 8 * 60)                                        # the band, not the lesion
+test_eq(vignette_mask(vg, dilate=2).sum(), 10 * 60)
+test_eq(vignette_mask(np.full((8, 8, 3), 200, np.uint8)).sum(), 0)
+
+
+# %%
+#| export
+def central_component(fg:np.ndarray, # binary mask (H, W)
+                      min_frac:float=.01 # components smaller than this share of the image are not candidates (unless none is larger)
+                     )->np.ndarray:
+    "The sizeable connected component nearest the image centre: dermoscopy frames the lesion."
+    lab, n = ndi.label(fg)
+    if n == 0: return fg.astype(bool)
+    H, W = fg.shape; yy, xx = np.mgrid[:H, :W]
+    sizes = ndi.sum(fg, lab, range(1, n + 1))
+    dists = ndi.minimum(np.hypot(yy - (H - 1) / 2, xx - (W - 1) / 2), lab, range(1, n + 1))
+    big = [i for i in range(n) if sizes[i] >= min_frac * H * W] or list(range(n))
+    return lab == min(big, key=lambda i: dists[i]) + 1
+
+
+# %% [markdown]
+# Why the centre and not the largest component: a dermoscopic image is taken *of* a lesion, so the lesion sits near
+# the middle, while what else lights up in a map (vignette corners, colour calibration stickers, rulers) sits at the
+# edges and can be larger. The colour baseline and DiffSeg's mask rule share this prior; DiffSeg's calibration
+# chooses between it and the largest component on the training split.
+
+# %%
+cc = np.zeros((30, 40), bool); cc[:12, :12] = True; cc[13:18, 18:23] = True; cc[14, 19] = False
+test_eq(central_component(cc).sum(), 24)                                       # the small central blob (with its hole)
+test_eq(central_component(cc, min_frac=.05).sum(), 144)                        # too small to count: the big one
+test_eq(central_component(np.zeros((5, 5), bool)).sum(), 0)
+
+
+# %%
+#| export
 def colour_segment(image, # PIL image or HxWx3 array
                    corner:float=.15, # side of the corner squares that model skin, as a fraction of the short side
                    sigma:float=2.0, # Gaussian smoothing of the distance map (pixels)
@@ -101,14 +155,7 @@ def colour_segment(image, # PIL image or HxWx3 array
     dist = gaussian(np.sqrt(np.einsum('ij,jk,ik->i', d, np.linalg.inv(cov), d)).reshape(H, W), sigma)
     if dist.max() - dist.min() < 1e-6: return np.zeros((H, W), bool)
     fg = (dist > threshold_otsu(dist)) & (a.mean(-1) >= dark)   # vignette is not lesion
-    lab_cc, n = ndi.label(fg)
-    if n == 0: return fg
-    yy, xx = np.mgrid[:H, :W]; cy, cx = (H - 1) / 2, (W - 1) / 2
-    sizes = ndi.sum(fg, lab_cc, range(1, n + 1))
-    dists = ndi.minimum(np.hypot(yy - cy, xx - cx), lab_cc, range(1, n + 1))
-    big = [i for i in range(n) if sizes[i] >= .01 * H * W] or list(range(n))
-    best = min(big, key=lambda i: dists[i]) + 1                # the sizeable component nearest the centre
-    return ndi.binary_fill_holes(lab_cc == best)
+    return ndi.binary_fill_holes(central_component(fg))
 
 
 # %%
