@@ -344,7 +344,7 @@ class DiffSeg:
         if crf:
             m_crf = np.where(valid, mean, min(mean.min(), thr - 1))       # the vignette enters the CRF as confident skin
             r['crf_mask'], r['crf_rejected'] = guarded_crf(np.asarray(im.convert('RGB')), m_crf, fused, thr, c)
-            r['crf_mask'] &= valid
+            r['crf_mask'] = r['crf_mask'] & valid                            # (never in place: it may be the fused mask)
         return r
 
     def segment(self, images:Sequence, # PIL images or paths
@@ -395,7 +395,7 @@ def load_diffseg_backbone(profile:str='quick', # run profile
 
 # %% ../nbs/06_diffseg.ipynb #debdaa23
 THRESHOLDS = (None, .3, .5, .7)
-FLOOR_PERCENTILES = (25, 50)
+FLOOR_PERCENTILES = (25, 50, 75)
 CRF_GRID = {'sxy_bilateral': [40., 80.], 'srgb': [10., 30.], 'compat_bilateral': [2., 5.]}
 CRF_CLIPS = (.1, .3)
 
@@ -413,7 +413,7 @@ def calibrate(ds:DiffSeg, # DiffSeg with a trained backbone
               crf_grid:dict|None=None, # DenseCRF pairwise grid (field -> values); default CRF_GRID
               crf_clips:Sequence=CRF_CLIPS, # unary clip candidates (clipped unary only)
               keeps:Sequence=KEEPS, # component rules to choose from (see `lesion_shape`)
-              floor_tolerance:float=.005, # training Dice an evidence floor may cost and still be preferred
+              tile_weight:float=.25, # weight of the healthy tiles' empty-mask share in the mask rule's score (the rest: Dice)
               crf_n:int=32, # images the CRF grid is scored on (the first ones)
               progress:bool=False # progress bar over the grid
              )->tuple:
@@ -428,22 +428,25 @@ def calibrate(ds:DiffSeg, # DiffSeg with a trained backbone
                                          f"(99th percentile median {scale:.3g}); is the model trained?")
         maps = [m / scale for m in raw]
         tiles = [healthy_tile(im, c) for im in ims for c in skin_corners(im)[:1]]
-        tev = [evidence(m.mean(0)) for m in DiffSeg(ds.bb, cfg.replace(scale=scale, min_evidence=0.)).maps(tiles)]
+        tmaps = DiffSeg(ds.bb, cfg.replace(scale=scale, min_evidence=0.)).maps(tiles)
+        tev = [evidence(m.mean(0)) for m in tmaps]
         floors = (0., *(float(np.percentile(tev, q)) for q in FLOOR_PERCENTILES))
         cfg = cfg.replace(scale=scale)
         rows += [{'param': 'scale', 'value': scale, 'dice': np.nan},
                  *({'param': 'healthy_tile_evidence', 'value': f'p{q}={v:.3f}', 'dice': np.nan} for q, v in zip(FLOOR_PERCENTILES, floors[1:]))]
-    else: maps, floors = raw, (0.,)
-    def dice_at(c):
+    else: maps, floors, tiles, tmaps = raw, (0.,), [], []
+    def score_at(c):
         d = DiffSeg(ds.bb, c)
-        return float(np.mean([seg_metrics(d.from_maps(i, m, crf=False)['mask'], g)['dice'] for i, m, g in zip(ims, maps, gts)]))
+        dice = float(np.mean([seg_metrics(d.from_maps(i, m, crf=False)['mask'], g)['dice'] for i, m, g in zip(ims, maps, gts)]))
+        if not tiles: return dice, np.nan, dice
+        empty = float(np.mean([not d.from_maps(t, m, crf=False)['mask'].any() for t, m in zip(tiles, tmaps)]))
+        return dice, empty, (1 - tile_weight) * dice + tile_weight * empty
     cands = []
     for th, fl, kp in itertools.product(thresholds, floors, keeps):
-        c = cfg.replace(threshold=th, min_evidence=fl, keep=kp); dice = dice_at(c); cands.append((dice, c))
+        c = cfg.replace(threshold=th, min_evidence=fl, keep=kp); dice, empty, sc = score_at(c); cands.append((sc, c))
         rows.append({'param': 'mask rule', 'value': json.dumps({'threshold': 'otsu' if th is None else th, 'min_evidence': round(fl, 4),
-                                                                'keep': kp}), 'dice': dice})
-    best = max(d for d, _ in cands)     # near-ties (within floor_tolerance): the higher floor (empty on no evidence), then Dice
-    cfg = max((t for t in cands if t[0] >= best - floor_tolerance), key=lambda t: (t[1].min_evidence, t[0]))[1]
+                                                                'keep': kp}), 'dice': dice, 'healthy_empty': empty, 'score': sc})
+    cfg = max(cands, key=lambda t: (round(t[0], 4), t[1].min_evidence))[1]   # ties: the higher floor
     ims, gts, maps = ims[:crf_n], gts[:crf_n], maps[:crf_n]
     fused = [DiffSeg(ds.bb, cfg).from_maps(i, m, crf=False) for i, m in zip(ims, maps)]
     grid = crf_grid or CRF_GRID
@@ -640,7 +643,7 @@ def load_diffseg(profile:str='quick', # run profile
     bb = load_diffseg_backbone(profile, root, device, progress, style, t_range)
     base = cfg or DiffSegConfig()
     key = {'model': bb.cache_dir.name, 'config': base.to_dict(), 'n_calibration': n_calibration, 'split_seed': 0, 'crf_grid': CRF_GRID,
-           'crf_clips': CRF_CLIPS, 'keeps': KEEPS, 'sample': 'random(seed0)', 'floor_tolerance': .005, 'v': 7}
+           'crf_clips': CRF_CLIPS, 'keeps': KEEPS, 'sample': 'random(seed0)', 'tile_weight': .25, 'v': 8}
     def build(d):
         c, tab = calibrate(DiffSeg(bb, base), training_sample(root, n_calibration), progress=progress)
         (d/'calibration.json').write_text(json.dumps(c.to_dict())); tab.to_csv(d/'calibration.csv', index=False)
