@@ -328,18 +328,32 @@ class DiffSeg:
         if c.threshold is not None: return c.threshold
         return float(threshold_otsu(mean)) if mean.max() > mean.min() else np.inf
 
+    def valid_of(self, im:Image.Image # the image
+                )->np.ndarray:
+        "Pixels that may be lesion (H, W): all but the vignette, when the config excludes it."
+        if not self.cfg.exclude_vignette: return np.ones(im.size[::-1], bool)
+        valid = ~vignette_mask(im.convert('RGB'), VIGNETTE_RIM)
+        return valid if valid.sum() >= .1 * valid.size else np.ones_like(valid)   # (nearly) all vignette: nothing to exclude
+
+    def fused_of(self, mean:np.ndarray, # the mean map (H, W)
+                 valid:np.ndarray # `valid_of` the image
+                )->tuple:
+        "(threshold, fused mask) of one image: its threshold on the valid pixels, then one lesion shape."
+        thr = self.threshold_of(mean[valid])
+        return thr, lesion_shape((mean > thr) & valid, self.cfg)
+
     def from_maps(self, im:Image.Image, # the image
                   maps:np.ndarray, # its K maps (K, H, W)
-                  crf:bool=True # also compute the guarded CRF mask
+                  crf:bool=True, # also compute the guarded CRF mask
+                  valid:np.ndarray|None=None # `valid_of(im)`, when already computed
                  )->dict:
         "Outputs, fused mask, CRF mask, consistency and uncertainty of one image from its maps."
         c, mean = self.cfg, maps.mean(0)
-        valid = ~vignette_mask(im.convert('RGB'), VIGNETTE_RIM) if c.exclude_vignette else np.ones(mean.shape, bool)
-        if valid.sum() < .1 * valid.size: valid[:] = True                  # (nearly) all vignette: nothing to exclude
-        thr = self.threshold_of(mean[valid])
+        valid = self.valid_of(im) if valid is None else valid
+        thr, fused = self.fused_of(mean, valid)
         outs = np.stack([lesion_shape(o & valid, c) for o in maps > thr])   # each output is one lesion mask, like the fused one
-        fused = lesion_shape((mean > thr) & valid, c)
-        r = {'outputs': outs, 'mean_map': mean, 'threshold': thr, 'mask': fused, 'uncertainty': output_uncertainty(outs),
+        unc = output_uncertainty(outs) if np.isfinite(thr) else 1.        # no evidence: the floor decided, the method abstains
+        r = {'outputs': outs, 'mean_map': mean, 'threshold': thr, 'mask': fused, 'uncertainty': unc,
              **consistency_maps(outs)}
         if crf:
             m_crf = np.where(valid, mean, min(mean.min(), thr - 1))       # the vignette enters the CRF as confident skin
@@ -435,11 +449,14 @@ def calibrate(ds:DiffSeg, # DiffSeg with a trained backbone
         rows += [{'param': 'scale', 'value': scale, 'dice': np.nan},
                  *({'param': 'healthy_tile_evidence', 'value': f'p{q}={v:.3f}', 'dice': np.nan} for q, v in zip(FLOOR_PERCENTILES, floors[1:]))]
     else: maps, floors, tiles, tmaps = raw, (0.,), [], []
+    d0 = DiffSeg(ds.bb, cfg)                                    # the mask rules only need the mean maps and the valid pixels
+    means, tmeans = [m.mean(0) for m in maps], [m.mean(0) for m in tmaps]
+    valids, tvalids = [d0.valid_of(i) for i in ims], [d0.valid_of(t) for t in tiles]
     def score_at(c):
         d = DiffSeg(ds.bb, c)
-        dice = float(np.mean([seg_metrics(d.from_maps(i, m, crf=False)['mask'], g)['dice'] for i, m, g in zip(ims, maps, gts)]))
+        dice = float(np.mean([seg_metrics(d.fused_of(m, v)[1], g)['dice'] for m, v, g in zip(means, valids, gts)]))
         if not tiles: return dice, np.nan, dice
-        empty = float(np.mean([not d.from_maps(t, m, crf=False)['mask'].any() for t, m in zip(tiles, tmaps)]))
+        empty = float(np.mean([not d.fused_of(m, v)[1].any() for m, v in zip(tmeans, tvalids)]))
         return dice, empty, (1 - tile_weight) * dice + tile_weight * empty
     cands = []
     for th, fl, kp in itertools.product(thresholds, floors, keeps):
@@ -448,7 +465,7 @@ def calibrate(ds:DiffSeg, # DiffSeg with a trained backbone
                                                                 'keep': kp}), 'dice': dice, 'healthy_empty': empty, 'score': sc})
     cfg = max(cands, key=lambda t: (round(t[0], 4), t[1].min_evidence))[1]   # ties: the higher floor
     ims, gts, maps = ims[:crf_n], gts[:crf_n], maps[:crf_n]
-    fused = [DiffSeg(ds.bb, cfg).from_maps(i, m, crf=False) for i, m in zip(ims, maps)]
+    fused = [DiffSeg(ds.bb, cfg).from_maps(i, m, crf=False, valid=v) for i, m, v in zip(ims, maps, valids)]
     grid = crf_grid or CRF_GRID
     clips = crf_clips if cfg.crf_unary == 'clipped' else (cfg.crf_clip,)
     cands = []
@@ -696,7 +713,7 @@ def load_distilled(profile:str='quick', # run profile
                    root:str|Path|None=None, # data root
                    device:str='auto', # device
                    ds:DiffSeg|None=None, # the teacher; default `load_teacher(profile, root, device)`
-                   source:str='consistency', # pseudo-label source, see `pseudo_label`
+                   source:str='crf', # pseudo-label source, see `pseudo_label` (chosen on validation, see above)
                    n_train:int|None=None, # training-split images pseudo-labelled (0 = all; None = the profile's: quick 800, full all)
                    progress:bool=True # progress bars
                   ):

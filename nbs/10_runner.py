@@ -282,6 +282,7 @@ def _cpde(d):
             f"{a.ns_lpips:.3f}; segmentation consistency Dice {c.seg_dice:.3f}; 'add' detection {c.add_detected_before:.2f} → "
             f"{c.add_detected_after:.2f}", f"PH2 + Derm7pt test, n = {int(c.n)} edits per method; masks: {c.masks}; FID vs the unedited originals")
 
+
 # %%
 #| export
 CLAIMS = [

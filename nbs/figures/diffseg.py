@@ -153,12 +153,15 @@ out.png(plot_consistency(ds, test_eval[7:11]), 'fig45_consistency')
 # %% [markdown]
 # ## The distilled student (`diffseg-distilled`)
 #
-# Trained on DiffSeg's pseudo-labels of the training split (consistent lesion = 1, consistent skin = 0, ambiguous
-# ignored); no mask is read. The teacher is the variant with the higher training-split Dice (table above).
+# Trained on DiffSeg's pseudo-labels of the training split: where the teacher's outputs agree, the label of its CRF
+# mask; where they disagree (ambiguous), no label (weight 0). Images where the teacher found no evidence are left out,
+# and no mask is read. The teacher is the variant with the higher training-split Dice (table above); the label source
+# (`pseudo_label`) was chosen on ISIC validation.
 
 # %%
 t0 = time.time(); student = load_distilled(profile, root, device, ds=teacher); timed('pseudo-labels + train student', t0)
-out.csv(pd.DataFrame([{'teacher': teacher_name, **student.pseudo_stats}]), 'pseudo_labels')
+student_source = student.cfg.labels.split(':')[2]
+out.csv(pd.DataFrame([{'teacher': teacher_name, 'source': student_source, **student.pseudo_stats}]), 'pseudo_labels')
 pd.DataFrame([student.pseudo_stats])
 
 # %% [markdown]
@@ -218,7 +221,7 @@ for dname in ('ISIC 2018 test', 'PH2 (external)'):
                 'dice_fused': fin.loc[(dname, 'DiffSeg'), 'dice'], 'dice_crf': fin.loc[(dname, 'DiffSeg + CRF'), 'dice']})
     abl.append({'step': '5b. translation variant (Wolleb), + CRF guard', 'dataset': dname, 'n': int(fin.loc[(dname, 'DiffSeg translation'), 'n']),
                 'dice_fused': fin.loc[(dname, 'DiffSeg translation'), 'dice'], 'dice_crf': fin.loc[(dname, 'DiffSeg translation + CRF'), 'dice']})
-    abl.append({'step': f'6. + distilled student (diffseg-distilled, teacher: {teacher_name})', 'dataset': dname, 'n': int(fin.loc[(dname, 'diffseg-distilled'), 'n']),
+    abl.append({'step': f'6. + distilled student (diffseg-distilled, teacher: {teacher_name}, labels: {student_source})', 'dataset': dname, 'n': int(fin.loc[(dname, 'diffseg-distilled'), 'n']),
                 'dice_fused': fin.loc[(dname, 'diffseg-distilled'), 'dice'], 'dice_crf': np.nan})
 ablation = pd.DataFrame(abl).pivot(index='step', columns='dataset', values=['dice_fused', 'dice_crf', 'n'])
 ablation.columns = [f'{m} {d}' for m, d in ablation.columns]; ablation = ablation.reset_index()
