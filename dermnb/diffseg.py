@@ -33,9 +33,9 @@ __all__ = ['LESION', 'HEALTHY', 'CLASS_NAMES', 'WEAK_STYLES', 'SIGNALS', 'KEEPS'
            'binarize_maps', 'consistency_maps', 'output_uncertainty', 'lesion_shape', 'crf_unary', 'guarded_crf',
            'DiffSeg', 'diffseg_train_config', 'load_diffseg_backbone', 'training_sample', 'calibrate',
            'evaluate_diffseg', 'evaluate_method', 'comparison_table', 'uncertainty_error_correlation', 'otsu_method',
-           'colour_method', 'unet_method', 'pseudo_label', 'pseudo_dataset', 'distilled_method', 'segment_folder',
-           'load_diffseg', 'diffseg_method', 'train_split_dice', 'load_translation', 'load_teacher', 'load_distilled',
-           'noise_predictions', 'plot_difference', 'plot_steps', 'plot_consistency', 'plot_table']
+           'colour_method', 'unet_method', 'pseudo_label', 'pseudo_dataset', 'distilled_method', 'self_label_dataset',
+           'segment_folder', 'load_diffseg', 'diffseg_method', 'train_split_dice', 'load_translation', 'load_teacher',
+           'load_distilled', 'noise_predictions', 'plot_difference', 'plot_steps', 'plot_consistency', 'plot_table']
 
 # %% ../nbs/06_diffseg.ipynb #ef7cb5f7
 def dark_mask(img:Image.Image # RGB dermoscopic image
@@ -618,6 +618,28 @@ def distilled_method(net, # the student (a LesionUNet, see `load_distilled`)
         return out
     return fn
 
+# %% ../nbs/06_diffseg.ipynb #c44384f7
+def self_label_dataset(net, # a trained student (a LesionUNet)
+                       records:Sequence[Record], # training-split records (their masks are never read)
+                       size:int=128, # student input side
+                       fit:str='pad', # student aspect handling
+                       batch_size:int=32, # images per batch
+                       progress:bool=True # progress bar
+                      )->PseudoMaskDataset:
+    "The student's own pseudo-labels (4-flip consistent lesion 1 / skin 0, disagreement ignored) of training images."
+    xs, ys, ws, fn = [], [], [], distilled_method(net)
+    for s in tqdm(range(0, len(records), batch_size), desc='self-labels', disable=not progress):
+        ims = [load_image(r.image) for r in records[s:s + batch_size]]
+        for im, r in zip(ims, fn(ims)):
+            c = consistency_maps(r['outputs'])
+            y, w = c['consistent_lesion'].astype(np.float32), (~c['ambiguous']).astype(np.float32)
+            xs.append(torch.from_numpy(np.array(fit_square(im, size, fit))).permute(2, 0, 1))
+            ys.append(torch.from_numpy(np.array(fit_square(Image.fromarray(y), size, fit, is_mask=True), np.float32)))
+            ws.append(torch.from_numpy(np.array(fit_square(Image.fromarray(w), size, fit, is_mask=True), np.float32)))
+    out = PseudoMaskDataset(torch.stack(xs), torch.stack(ys)[:, None], torch.stack(ws)[:, None])
+    out.stats = {'images': len(records), 'ignored_pixel_share': float(1 - out.weights.mean()), 'lesion_pixel_share': float(out.targets.mean())}
+    return out
+
 # %% ../nbs/06_diffseg.ipynb #74cedfd1
 def segment_folder(method_fn, # images (list of PIL) -> list of dicts with 'mask' (and 'ambiguity', 'uncertainty')
                    images_dir:str|Path, # input images
@@ -715,9 +737,11 @@ def load_distilled(profile:str='quick', # run profile
                    ds:DiffSeg|None=None, # the teacher; default `load_teacher(profile, root, device)`
                    source:str='crf', # pseudo-label source, see `pseudo_label` (chosen on validation, see above)
                    n_train:int|None=None, # training-split images pseudo-labelled (0 = all; None = the profile's: quick 800, full all)
+                   rounds:int=2, # 1: the student of DiffSeg's labels; 2: + a student of its own labels (see `self_label_dataset`)
                    progress:bool=True # progress bars
                   ):
-    "`diffseg-distilled`: the U-Net recipe trained on DiffSeg's pseudo-labels of the training split (cached)."
+    "`diffseg-distilled`: the U-Net recipe trained on DiffSeg's pseudo-labels of the training split (cached); `.round1` is the first student."
+    if rounds not in (1, 2): raise DermnbError(f"rounds must be 1 or 2, not {rounds!r}")
     ds = ds or load_teacher(profile, root, device, progress)
     if n_train is None: n_train = 800 if get_profile(profile).name == 'quick' else 0   # quick: half the split, for the CPU budget
     base = SegmenterConfig.for_profile(profile)
@@ -728,7 +752,13 @@ def load_distilled(profile:str='quick', # run profile
     net = load_segmenter(cfg, root, device, dataset_fn=data)
     if hasattr(data, 'stats'): atomic_save(net.cache_dir/'pseudo_labels.json', lambda t: Path(t).write_text(json.dumps(data.stats)))
     net.pseudo_stats = json.loads((net.cache_dir/'pseudo_labels.json').read_text()) if (net.cache_dir/'pseudo_labels.json').exists() else {}
-    return net
+    net.round1 = net
+    if rounds == 1: return net
+    recs = training_sample(root, n_train or None)
+    net2 = load_segmenter(cfg.replace(labels=cfg.labels + ':self-training-round2'), root, device,
+                          dataset_fn=lambda: self_label_dataset(net, recs, cfg.size, cfg.fit, progress=progress))
+    net2.pseudo_stats, net2.round1 = net.pseudo_stats, net
+    return net2
 
 # %% ../nbs/06_diffseg.ipynb #77e500a5
 @torch.inference_mode()

@@ -1055,6 +1055,50 @@ assert 0 <= rr[0]['uncertainty'] <= 1
 
 
 # %% [markdown]
+# ### A second round: the student labels its own training images
+#
+# The student already beats its teacher (it averages the teacher's errors away over many images), so its own
+# flip-consistent regions are better labels than the teacher's. `self_label_dataset` relabels the same training images
+# with them (all 4 flips say lesion = 1, none = 0, disagreement ignored), and a second student of the same recipe
+# trains on them (`load_distilled(rounds=2)`, noisy-student style self-training). Still no mask is read.
+#
+# Measured while designing this, on ISIC *validation* (n = 255; teacher: translation; 800 images): round 1 0.794,
+# round 2 0.802 Dice (with the teacher's consistency labels: 0.765 -> 0.774). Tried and not kept: round 2 on all
+# 1605 training images, 0.795 (the fixed 5 epochs then mean twice the steps, and the student fits label noise, as with
+# 10 epochs on 800 images, 0.778); dropping the teacher's most uncertain images (keep 80% / 60% by GED diversity:
+# 0.786 / 0.787).
+
+# %%
+#| export
+def self_label_dataset(net, # a trained student (a LesionUNet)
+                       records:Sequence[Record], # training-split records (their masks are never read)
+                       size:int=128, # student input side
+                       fit:str='pad', # student aspect handling
+                       batch_size:int=32, # images per batch
+                       progress:bool=True # progress bar
+                      )->PseudoMaskDataset:
+    "The student's own pseudo-labels (4-flip consistent lesion 1 / skin 0, disagreement ignored) of training images."
+    xs, ys, ws, fn = [], [], [], distilled_method(net)
+    for s in tqdm(range(0, len(records), batch_size), desc='self-labels', disable=not progress):
+        ims = [load_image(r.image) for r in records[s:s + batch_size]]
+        for im, r in zip(ims, fn(ims)):
+            c = consistency_maps(r['outputs'])
+            y, w = c['consistent_lesion'].astype(np.float32), (~c['ambiguous']).astype(np.float32)
+            xs.append(torch.from_numpy(np.array(fit_square(im, size, fit))).permute(2, 0, 1))
+            ys.append(torch.from_numpy(np.array(fit_square(Image.fromarray(y), size, fit, is_mask=True), np.float32)))
+            ws.append(torch.from_numpy(np.array(fit_square(Image.fromarray(w), size, fit, is_mask=True), np.float32)))
+    out = PseudoMaskDataset(torch.stack(xs), torch.stack(ys)[:, None], torch.stack(ws)[:, None])
+    out.stats = {'images': len(records), 'ignored_pixel_share': float(1 - out.weights.mean()), 'lesion_pixel_share': float(out.targets.mean())}
+    return out
+
+
+# %%
+sds = self_label_dataset(student, recs[:3], size=64, progress=False)
+test_eq(len(sds), 3); test_eq(sds[0]['image'].shape, (3, 64, 64))
+assert set(torch.unique(sds.targets).tolist()) <= {0., 1.} and 0 <= sds.stats['ignored_pixel_share'] < 1
+
+
+# %% [markdown]
 # ## Segmenting a folder (the `dermnb segment` command)
 #
 # Every method is a function from images to per-image results with at least a `mask`; DiffSeg and the student add
@@ -1113,7 +1157,8 @@ with tempfile.TemporaryDirectory() as d:
 #
 # `load_diffseg` gives the trained backbone with its calibration (scale, evidence floor, threshold and CRF chosen on
 # training images), both cached, so the CLI and the figures use the same model. `load_distilled` gives the student
-# trained on that DiffSeg's pseudo-labels of the training split (cached under the calibration's key). `diffseg_method`
+# trained on that DiffSeg's pseudo-labels of the training split, then its second round on its own labels (both cached
+# under the calibration's key). `diffseg_method`
 # makes DiffSeg a segmentation method for `segment_folder`: the CRF mask (or the fused mask), with the ambiguity map
 # and the uncertainty.
 
@@ -1204,9 +1249,11 @@ def load_distilled(profile:str='quick', # run profile
                    ds:DiffSeg|None=None, # the teacher; default `load_teacher(profile, root, device)`
                    source:str='crf', # pseudo-label source, see `pseudo_label` (chosen on validation, see above)
                    n_train:int|None=None, # training-split images pseudo-labelled (0 = all; None = the profile's: quick 800, full all)
+                   rounds:int=2, # 1: the student of DiffSeg's labels; 2: + a student of its own labels (see `self_label_dataset`)
                    progress:bool=True # progress bars
                   ):
-    "`diffseg-distilled`: the U-Net recipe trained on DiffSeg's pseudo-labels of the training split (cached)."
+    "`diffseg-distilled`: the U-Net recipe trained on DiffSeg's pseudo-labels of the training split (cached); `.round1` is the first student."
+    if rounds not in (1, 2): raise DermnbError(f"rounds must be 1 or 2, not {rounds!r}")
     ds = ds or load_teacher(profile, root, device, progress)
     if n_train is None: n_train = 800 if get_profile(profile).name == 'quick' else 0   # quick: half the split, for the CPU budget
     base = SegmenterConfig.for_profile(profile)
@@ -1217,7 +1264,13 @@ def load_distilled(profile:str='quick', # run profile
     net = load_segmenter(cfg, root, device, dataset_fn=data)
     if hasattr(data, 'stats'): atomic_save(net.cache_dir/'pseudo_labels.json', lambda t: Path(t).write_text(json.dumps(data.stats)))
     net.pseudo_stats = json.loads((net.cache_dir/'pseudo_labels.json').read_text()) if (net.cache_dir/'pseudo_labels.json').exists() else {}
-    return net
+    net.round1 = net
+    if rounds == 1: return net
+    recs = training_sample(root, n_train or None)
+    net2 = load_segmenter(cfg.replace(labels=cfg.labels + ':self-training-round2'), root, device,
+                          dataset_fn=lambda: self_label_dataset(net, recs, cfg.size, cfg.fit, progress=progress))
+    net2.pseudo_stats, net2.round1 = net.pseudo_stats, net
+    return net2
 
 
 # %%
