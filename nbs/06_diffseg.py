@@ -132,7 +132,6 @@ vig = np.zeros((96, 128, 3), np.uint8) + 180; vig[:20, :20] = 0      # a dark to
 test_eq(skin_corners(Image.fromarray(vig), frac=.25), [1, 2, 3])
 test_eq(np.asarray(healthy_tile(Image.fromarray(vig), 3))[:20, :20].max(), 0)   # the vignette stays where it was
 
-
 # %%
 #| export
 LESION, HEALTHY = 1, 0
@@ -190,7 +189,6 @@ w_tiled, w_crop = WeakSkinDataset(recs[:100], 32), WeakSkinDataset(recs[:100], 3
 ratio_tiled, ratio_crop = _grad_energy(w_tiled, HEALTHY) / _grad_energy(w_tiled, LESION), _grad_energy(w_crop, HEALTHY) / _grad_energy(w_crop, LESION)
 print(f'healthy/lesion gradient energy: crops {ratio_crop:.2f}, tiles {ratio_tiled:.2f}')
 assert abs(1 - ratio_tiled) < abs(1 - ratio_crop)
-
 
 # %% [markdown]
 # ## The diffusion difference, keeping its sign
@@ -282,7 +280,6 @@ test_fail(lambda: DiffSegConfig(signal='abs'), contains='signal')
 test_fail(lambda: DiffSegConfig(keep='biggest'), contains='central')
 test_eq(DIFFSEG_V1.timesteps, (60, 90, 120, 150))
 test_eq(DiffSegConfig.from_dict(json.loads(json.dumps(DIFFSEG_V1.to_dict()))), DIFFSEG_V1)   # JSON round trip
-
 
 # %%
 #| export
@@ -645,7 +642,6 @@ test_eq(DiffSeg(tiny_bb, no_vig).from_maps(Image.fromarray(vim), vmaps, crf=Fals
 test_eq(DiffSeg(tiny_bb, no_vig.replace(keep='central')).from_maps(Image.fromarray(vim), vmaps, crf=False)['mask'].sum(), 64)
 test_eq(DiffSeg(tiny_bb, no_vig.replace(keep='largest')).from_maps(Image.fromarray(vim), vmaps, crf=False)['mask'].sum(), 48 * 14)
 
-
 # %% [markdown]
 # ## The DiffSeg diffusion model, trained where it infers
 #
@@ -937,7 +933,6 @@ smp = training_sample(ROOT, 64)
 test_eq([r.id for r in smp], [r.id for r in training_sample(ROOT, 64)]); test_eq(len({r.id for r in smp}), 64)
 assert {r.id for r in smp} <= {r.id for r in recs} and {r.id for r in smp} != {r.id for r in recs[:64]}
 test_eq(len(training_sample(ROOT)), len(recs))
-
 
 # %% [markdown]
 # ## Beyond the paper: a student distilled from DiffSeg's consistent regions
