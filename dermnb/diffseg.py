@@ -33,9 +33,10 @@ __all__ = ['LESION', 'HEALTHY', 'CLASS_NAMES', 'WEAK_STYLES', 'SIGNALS', 'KEEPS'
            'binarize_maps', 'consistency_maps', 'output_uncertainty', 'lesion_shape', 'crf_unary', 'guarded_crf',
            'DiffSeg', 'diffseg_train_config', 'load_diffseg_backbone', 'training_sample', 'calibrate',
            'evaluate_diffseg', 'evaluate_method', 'comparison_table', 'uncertainty_error_correlation', 'otsu_method',
-           'colour_method', 'unet_method', 'pseudo_label', 'pseudo_dataset', 'distilled_method', 'self_label_dataset',
-           'segment_folder', 'load_diffseg', 'diffseg_method', 'train_split_dice', 'load_translation', 'load_teacher',
-           'load_distilled', 'noise_predictions', 'plot_difference', 'plot_steps', 'plot_consistency', 'plot_table']
+           'colour_method', 'unet_method', 'pseudo_label', 'pseudo_mask_dataset', 'pseudo_dataset', 'distilled_method',
+           'self_label_dataset', 'segment_folder', 'load_diffseg', 'diffseg_method', 'train_split_dice',
+           'load_translation', 'load_teacher', 'load_distilled', 'noise_predictions', 'plot_difference', 'plot_steps',
+           'plot_consistency', 'plot_table']
 
 # %% ../nbs/06_diffseg.ipynb #ef7cb5f7
 def dark_mask(img:Image.Image # RGB dermoscopic image
@@ -570,6 +571,19 @@ def pseudo_label(r:dict, # one result of `DiffSeg.segment`
     return y, w
 
 # %% ../nbs/06_diffseg.ipynb #7c6add87
+def pseudo_mask_dataset(items:Sequence, # (PIL image, target (H, W), weight (H, W)) triples at the image's size
+                        size:int=128, # student input side
+                        fit:str='pad' # student aspect handling (the segmenter recipe's)
+                       )->PseudoMaskDataset:
+    "Pseudo-labelled images at the student's input size (padding weighs 0), as `train_segmenter`'s dataset."
+    xs, ys, ws = [], [], []
+    for im, y, w in items:
+        xs.append(torch.from_numpy(np.array(fit_square(im, size, fit))).permute(2, 0, 1))
+        ys.append(torch.from_numpy(np.array(fit_square(Image.fromarray(y), size, fit, is_mask=True), np.float32)))
+        ws.append(torch.from_numpy(np.array(fit_square(Image.fromarray(w), size, fit, is_mask=True), np.float32)))
+    return PseudoMaskDataset(torch.stack(xs), torch.stack(ys)[:, None], torch.stack(ws)[:, None])
+
+# %% ../nbs/06_diffseg.ipynb #c57a3f59
 def pseudo_dataset(ds:DiffSeg, # calibrated DiffSeg
                    records:Sequence[Record], # training-split records (their masks are never read)
                    size:int=128, # student input side
@@ -579,19 +593,15 @@ def pseudo_dataset(ds:DiffSeg, # calibrated DiffSeg
                    progress:bool=True # progress bar
                   )->PseudoMaskDataset:
     "DiffSeg's pseudo-labels of training images, as an in-memory dataset for `train_segmenter`; `.stats` says what was kept."
-    xs, ys, ws, kept, empty = [], [], [], 0, 0
+    items, empty = [], 0
     for s in tqdm(range(0, len(records), batch_size), desc='pseudo-labels', disable=not progress):
         ims = [load_image(r.image) for r in records[s:s + batch_size]]
         for im, r in zip(ims, ds.segment(ims, crf=source.startswith('crf'), batch_size=batch_size)):
             if not r['mask'].any(): empty += 1; continue
-            y, w = pseudo_label(r, source)
-            xs.append(torch.from_numpy(np.array(fit_square(im, size, fit))).permute(2, 0, 1))
-            ys.append(torch.from_numpy(np.array(fit_square(Image.fromarray(y), size, fit, is_mask=True), np.float32)))
-            ws.append(torch.from_numpy(np.array(fit_square(Image.fromarray(w), size, fit, is_mask=True), np.float32)))
-            kept += 1
-    if not xs: raise DermnbError(f"DiffSeg found no lesion evidence in any of {len(records)} training images: no pseudo-labels")
-    out = PseudoMaskDataset(torch.stack(xs), torch.stack(ys)[:, None], torch.stack(ws)[:, None])
-    out.stats = {'images': len(records), 'kept': kept, 'no_evidence': empty,
+            items.append((im, *pseudo_label(r, source)))
+    if not items: raise DermnbError(f"DiffSeg found no lesion evidence in any of {len(records)} training images: no pseudo-labels")
+    out = pseudo_mask_dataset(items, size, fit)
+    out.stats = {'images': len(records), 'kept': len(items), 'no_evidence': empty,
                  'ignored_pixel_share': float(1 - out.weights.mean()), 'lesion_pixel_share': float(out.targets.mean())}
     return out
 
@@ -627,16 +637,13 @@ def self_label_dataset(net, # a trained student (a LesionUNet)
                        progress:bool=True # progress bar
                       )->PseudoMaskDataset:
     "The student's own pseudo-labels (4-flip consistent lesion 1 / skin 0, disagreement ignored) of training images."
-    xs, ys, ws, fn = [], [], [], distilled_method(net)
+    items, fn = [], distilled_method(net)
     for s in tqdm(range(0, len(records), batch_size), desc='self-labels', disable=not progress):
         ims = [load_image(r.image) for r in records[s:s + batch_size]]
         for im, r in zip(ims, fn(ims)):
             c = consistency_maps(r['outputs'])
-            y, w = c['consistent_lesion'].astype(np.float32), (~c['ambiguous']).astype(np.float32)
-            xs.append(torch.from_numpy(np.array(fit_square(im, size, fit))).permute(2, 0, 1))
-            ys.append(torch.from_numpy(np.array(fit_square(Image.fromarray(y), size, fit, is_mask=True), np.float32)))
-            ws.append(torch.from_numpy(np.array(fit_square(Image.fromarray(w), size, fit, is_mask=True), np.float32)))
-    out = PseudoMaskDataset(torch.stack(xs), torch.stack(ys)[:, None], torch.stack(ws)[:, None])
+            items.append((im, c['consistent_lesion'].astype(np.float32), (~c['ambiguous']).astype(np.float32)))
+    out = pseudo_mask_dataset(items, size, fit)
     out.stats = {'images': len(records), 'ignored_pixel_share': float(1 - out.weights.mean()), 'lesion_pixel_share': float(out.targets.mean())}
     return out
 
@@ -752,12 +759,12 @@ def load_distilled(profile:str='quick', # run profile
     net = load_segmenter(cfg, root, device, dataset_fn=data)
     if hasattr(data, 'stats'): atomic_save(net.cache_dir/'pseudo_labels.json', lambda t: Path(t).write_text(json.dumps(data.stats)))
     net.pseudo_stats = json.loads((net.cache_dir/'pseudo_labels.json').read_text()) if (net.cache_dir/'pseudo_labels.json').exists() else {}
-    net.round1 = net
+    net.round1, net.source, net.rounds = net, source, 1
     if rounds == 1: return net
     recs = training_sample(root, n_train or None)
     net2 = load_segmenter(cfg.replace(labels=cfg.labels + ':self-training-round2'), root, device,
                           dataset_fn=lambda: self_label_dataset(net, recs, cfg.size, cfg.fit, progress=progress))
-    net2.pseudo_stats, net2.round1 = net.pseudo_stats, net
+    net2.pseudo_stats, net2.round1, net2.source, net2.rounds = net.pseudo_stats, net, source, 2
     return net2
 
 # %% ../nbs/06_diffseg.ipynb #77e500a5

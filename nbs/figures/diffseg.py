@@ -161,9 +161,9 @@ out.png(plot_consistency(ds, test_eval[7:11]), 'fig45_consistency')
 
 # %%
 t0 = time.time(); student = load_distilled(profile, root, device, ds=teacher); timed('pseudo-labels + train student', t0)
-student_source = student.cfg.labels.split(':')[2]
-out.csv(pd.DataFrame([{'teacher': teacher_name, 'source': student_source, 'self_training_rounds': 2 if student.round1 is not student else 1,
-                       **student.pseudo_stats}]), 'pseudo_labels')
+student_source = student.source
+out.csv(pd.DataFrame([{'teacher': teacher_name, 'source': student.source, 'self_training_rounds': student.rounds, **student.pseudo_stats}]),
+        'pseudo_labels')
 pd.DataFrame([student.pseudo_stats])
 
 # %% [markdown]
