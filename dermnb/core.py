@@ -14,11 +14,11 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 # %% auto #0
 __all__ = ['PROFILES', 'CPU_BATCH', 'IMAGE_SUFFIXES', 'MASK_STEM_SUFFIXES', 'GT_COLOR', 'PRED_COLOR', 'DermnbError', 'DataError',
-           'WeightsMissingError', 'TrainingDivergedError', 'Profile', 'get_profile', 'stable_hash', 'Config',
-           'seed_everything', 'get_device', 'make_generator', 'project_root', 'results_csv', 'flush_denormals',
-           'channels_last', 'atomic_write', 'atomic_save', 'save_json', 'cache_root', 'cached_dir', 'data_root',
-           'load_image', 'load_mask', 'image_to_tensor', 'tensor_to_image', 'to_pil', 'save_image', 'image_files',
-           'overlay_contours', 'image_grid', 'save_figure']
+           'WeightsMissingError', 'TrainingDivergedError', 'Profile', 'get_profile', 'stable_hash', 'tensor_hash',
+           'Config', 'seed_everything', 'get_device', 'make_generator', 'project_root', 'results_csv',
+           'flush_denormals', 'channels_last', 'atomic_write', 'atomic_save', 'save_json', 'cache_root', 'cached_dir',
+           'data_root', 'load_image', 'load_mask', 'image_to_tensor', 'tensor_to_image', 'to_pil', 'save_image',
+           'image_files', 'overlay_contours', 'image_grid', 'save_figure']
 
 # %% ../nbs/00_core.ipynb #3e483892
 class DermnbError(Exception):
@@ -75,6 +75,18 @@ def stable_hash(obj, # a dataclass, dict, list or scalar made of JSON-able parts
     "SHA-256 of the canonical JSON of `obj`: identical across runs and machines."
     s = json.dumps(_jsonable(obj), sort_keys=True, separators=(',', ':'))
     return hashlib.sha256(s.encode()).hexdigest()[:n]
+
+# %% ../nbs/00_core.ipynb #d58d6270
+def tensor_hash(*tensors:torch.Tensor|np.ndarray|None, # tensors or arrays (None allowed)
+                n:int=16 # hex digits kept
+               )->str:
+    "SHA-256 of the tensors' contents (and of their shapes and dtypes when there are several)."
+    h = hashlib.sha256()
+    for t in tensors:
+        a = None if t is None else np.ascontiguousarray(t.detach().cpu().numpy() if torch.is_tensor(t) else t)
+        if len(tensors) > 1: h.update(repr(None if a is None else (a.shape, str(a.dtype))).encode())
+        if a is not None: h.update(a.tobytes())
+    return h.hexdigest()[:n]
 
 # %% ../nbs/00_core.ipynb #0402b59c
 @dataclass(frozen=True)

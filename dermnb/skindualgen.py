@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
-from .core import (Config, DermnbError, DataError, cached_dir, get_profile, load_image, load_mask, save_image,
+from .core import (Config, DermnbError, DataError, cached_dir, tensor_hash, get_profile, load_image, load_mask, save_image,
                          atomic_save, tensor_to_image)
 from .data import Record, get_split, DermDataset, fit_square
 from .metrics import seg_metrics
@@ -28,8 +28,8 @@ from .lesiongen import CaptionConfig, caption_dataset, caption_records, lesionge
 __all__ = ['PAIR_DATASETS', 'SHAPE_DEFAULTS', 'LORA_RANK', 'STEPS', 'FLAG_MIN', 'FLAG_MAX', 'render_mask', 'PairDataset',
            'loss_name', 'parse_loss', 'dice_bce', 'skindualgen_loss', 'skindualgen_train_config', 'pair_training_set',
            'load_skindualgen', 'clean_mask', 'split_pair', 'mask_flag', 'write_pairs', 'generate_pairs',
-           'generate_skindualgen', 'consistency', 'AugSegConfig', 'train_aug_segmenter', 'seg_scores',
-           'select_synthetic']
+           'generate_skindualgen', 'consistency', 'AugSegConfig', 'train_aug_segmenter', 'seg_scores', 'agreement',
+           'select_synthetic', 'aug_seg_arm']
 
 # %% ../nbs/09_skindualgen.ipynb #0c31952c
 PAIR_DATASETS = ('isic2018_task1', 'ph2')
@@ -280,12 +280,44 @@ def seg_scores(net, # a LesionUNet
 
 # %% ../nbs/09_skindualgen.ipynb #03686483
 @torch.no_grad()
-def select_synthetic(net, # the arm's real-only LesionUNet, at the synthetic pairs' size
-                     syn_images:torch.Tensor, # synthetic images (N, 3, S, S) in [-1, 1]
-                     syn_masks:torch.Tensor, # their masks (N, S, S)
-                     n:int # how many to keep
-                    )->tuple:
-    "(indices of the n pairs whose masks the net agrees with most, best first; every pair's agreement Dice)."
+def agreement(net, # a LesionUNet, at the synthetic pairs' size
+              syn_images:torch.Tensor, # synthetic images (N, 3, S, S) in [-1, 1]
+              syn_masks:torch.Tensor # their masks (N, S, S)
+             )->np.ndarray:
+    "Per pair: Dice between the net's segmentation of the image and the generated mask (N,)."
     p = torch.cat([net(syn_images[k:k + 64].float()).sigmoid()[:, 0] for k in range(0, len(syn_images), 64)]).numpy() > .5
-    agree = np.array([seg_metrics(a, b)['dice'] for a, b in zip(p, syn_masks.cpu().numpy())])
-    return torch.from_numpy(np.argsort(-agree, kind='stable')[:n].copy()), agree
+    return np.array([seg_metrics(a, b)['dice'] for a, b in zip(p, syn_masks.cpu().numpy())])
+
+def select_synthetic(agree:np.ndarray, # per-pair agreement (`agreement`)
+                     n:int # how many to keep
+                    )->torch.Tensor:
+    "Indices of the n pairs with the highest agreement, best first (ties in index order)."
+    return torch.from_numpy(np.argsort(-np.asarray(agree), kind='stable')[:n].copy())
+
+# %% ../nbs/09_skindualgen.ipynb #9230c27c
+def _pairs_tensors(ds)->tuple:
+    "Stacked (images, masks) of a pair dataset."
+    items = [ds[k] for k in range(len(ds))]
+    return torch.stack([it['image'] for it in items]), torch.stack([it['mask'] for it in items])
+
+def aug_seg_arm(cfg:AugSegConfig, # the arm
+                real:torch.utils.data.Dataset, # real training pairs (items with 'image' and 'mask')
+                test:torch.utils.data.Dataset, # held-out real pairs it is scored on
+                syn_images:torch.Tensor|None=None, # synthetic images added (their first `cfg.synthetic`)
+                syn_masks:torch.Tensor|None=None, # their masks
+                pool:tuple|None=None, # (images, masks): synthetic pairs to score the net's agreement with
+                cache:bool=True # read and write the result cache
+               )->dict:
+    "{'dice', 'iou', 'train_s', 'agreement' (array or None)} of one augmentation arm; cached by config and content."
+    syn = (syn_images[:cfg.synthetic], syn_masks[:cfg.synthetic]) if cfg.synthetic else (None, None)
+    def run(d=None):
+        t0 = time.time(); net = train_aug_segmenter(cfg, real, syn_images, syn_masks); train_s = time.time() - t0
+        res = {**seg_scores(net, test), 'train_s': train_s, 'agreement': None if pool is None else agreement(net, *pool).tolist()}
+        if d is not None: (d/'result.json').write_text(json.dumps(res))
+        return res
+    if not cache: res = run()
+    else:
+        key = {'cfg': cfg, 'real': tensor_hash(*_pairs_tensors(real)), 'test': tensor_hash(*_pairs_tensors(test)),
+               'synthetic': tensor_hash(*syn), 'pool': tensor_hash(*pool) if pool is not None else None}
+        res = json.loads((cached_dir('skindualgen-aug', key, run)/'result.json').read_text())
+    return {**res, 'agreement': None if res['agreement'] is None else np.asarray(res['agreement'])}

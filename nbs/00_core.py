@@ -136,6 +136,31 @@ def stable_hash(obj, # a dataclass, dict, list or scalar made of JSON-able parts
     return hashlib.sha256(s.encode()).hexdigest()[:n]
 
 
+# %% [markdown]
+# Some caches are keyed by data that has no config: generated images, a subset of pixels. `tensor_hash` keys them by
+# content (shape, dtype and bytes), so the same pixels give the same key on every machine.
+
+# %%
+#| export
+def tensor_hash(*tensors:torch.Tensor|np.ndarray|None, # tensors or arrays (None allowed)
+                n:int=16 # hex digits kept
+               )->str:
+    "SHA-256 of the tensors' contents (and of their shapes and dtypes when there are several)."
+    h = hashlib.sha256()
+    for t in tensors:
+        a = None if t is None else np.ascontiguousarray(t.detach().cpu().numpy() if torch.is_tensor(t) else t)
+        if len(tensors) > 1: h.update(repr(None if a is None else (a.shape, str(a.dtype))).encode())
+        if a is not None: h.update(a.tobytes())
+    return h.hexdigest()[:n]
+
+
+# %%
+_a = torch.arange(6.).view(2, 3)
+test_eq(tensor_hash(_a), hashlib.sha256(_a.numpy().tobytes()).hexdigest()[:16])     # one tensor: the hash of its bytes
+test_eq(tensor_hash(_a, None), tensor_hash(_a.clone(), None)); test_ne(tensor_hash(_a, None), tensor_hash(_a.view(3, 2), None))
+test_ne(tensor_hash(_a, _a), tensor_hash(_a, _a + 1)); test_eq(tensor_hash(_a.numpy()), tensor_hash(_a))
+
+
 # %%
 #| export
 @dataclass(frozen=True)

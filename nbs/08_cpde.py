@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 from diffusers import DDIMScheduler
-from dermnb.core import (Config, DermnbError, DataError, cached_dir, get_profile, load_image, load_mask, save_image,
+from dermnb.core import (Config, DermnbError, DataError, cached_dir, tensor_hash, get_profile, load_image, load_mask, save_image,
                          image_to_tensor, tensor_to_image, image_files, get_device, save_json)
 from dermnb.data import Record, get_split, DermDataset, fit_square
 from dermnb.metrics import ns_lpips, perceptual_distance, seg_metrics
@@ -298,9 +298,7 @@ def cached_inversion(bb:Backbone, # the backbone (its `cache_dir` names it in th
                      steps:int=20 # DDIM steps
                     )->Inversion:
     "`invert`, cached by the backbone, the image ids and pixels, and the steps."
-    import hashlib
-    key = {'backbone': str(getattr(bb, 'cache_dir', 'unnamed')), 'ids': es.ids, 'steps': steps,
-           'pixels': hashlib.sha256(es.images.numpy().tobytes()).hexdigest()[:16]}
+    key = {'backbone': str(getattr(bb, 'cache_dir', 'unnamed')), 'ids': es.ids, 'steps': steps, 'pixels': tensor_hash(es.images)}
     def build(d):
         inv = invert(bb, es.images, steps); torch.save({'traj': inv.traj, 'rec_x0': inv.rec_x0, 'timesteps': inv.timesteps}, d/'inversion.pt')
     t = torch.load(cached_dir('cpde-inversion', key, build)/'inversion.pt')

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
-from dermnb.core import (Config, DermnbError, DataError, cached_dir, get_profile, load_image, load_mask, save_image,
+from dermnb.core import (Config, DermnbError, DataError, cached_dir, tensor_hash, get_profile, load_image, load_mask, save_image,
                          atomic_save, tensor_to_image)
 from dermnb.data import Record, get_split, DermDataset, fit_square
 from dermnb.metrics import seg_metrics
@@ -448,22 +448,64 @@ def seg_scores(net, # a LesionUNet
 
 # %% [markdown]
 # **Which synthetic pairs to add.** A generated pair whose mask misses its lesion teaches the segmenter the wrong
-# boundary. `select_synthetic` lets an arm's own real-only segmenter (trained on the same real fraction, so no other
-# real data enters the arm) score each synthetic pair by the Dice between its prediction and the generated mask, and
-# keeps the n pairs it agrees with most. The figure reports the unfiltered hybrid beside it.
+# boundary. `agreement` lets an arm's own real-only segmenter (trained on the same real fraction, so no other real data
+# enters the arm) score each synthetic pair by the Dice between its prediction and the generated mask, and
+# `select_synthetic` keeps the n pairs it agrees with most. The figure reports the unfiltered hybrid beside it.
 
 # %%
 #| export
 @torch.no_grad()
-def select_synthetic(net, # the arm's real-only LesionUNet, at the synthetic pairs' size
-                     syn_images:torch.Tensor, # synthetic images (N, 3, S, S) in [-1, 1]
-                     syn_masks:torch.Tensor, # their masks (N, S, S)
-                     n:int # how many to keep
-                    )->tuple:
-    "(indices of the n pairs whose masks the net agrees with most, best first; every pair's agreement Dice)."
+def agreement(net, # a LesionUNet, at the synthetic pairs' size
+              syn_images:torch.Tensor, # synthetic images (N, 3, S, S) in [-1, 1]
+              syn_masks:torch.Tensor # their masks (N, S, S)
+             )->np.ndarray:
+    "Per pair: Dice between the net's segmentation of the image and the generated mask (N,)."
     p = torch.cat([net(syn_images[k:k + 64].float()).sigmoid()[:, 0] for k in range(0, len(syn_images), 64)]).numpy() > .5
-    agree = np.array([seg_metrics(a, b)['dice'] for a, b in zip(p, syn_masks.cpu().numpy())])
-    return torch.from_numpy(np.argsort(-agree, kind='stable')[:n].copy()), agree
+    return np.array([seg_metrics(a, b)['dice'] for a, b in zip(p, syn_masks.cpu().numpy())])
+
+def select_synthetic(agree:np.ndarray, # per-pair agreement (`agreement`)
+                     n:int # how many to keep
+                    )->torch.Tensor:
+    "Indices of the n pairs with the highest agreement, best first (ties in index order)."
+    return torch.from_numpy(np.argsort(-np.asarray(agree), kind='stable')[:n].copy())
+
+
+# %% [markdown]
+# **One arm, cached.** `aug_seg_arm` trains an arm, scores it on the held-out real pairs and, given a pool of synthetic
+# pairs, records its agreement with each (what the filtered arm of the same fraction and seed selects by). Its result
+# is cached under `skindualgen-aug`, keyed by the arm's config and the content of every tensor it saw (real, test,
+# synthetic and pool pairs), so a rerun of the figure with the same models trains nothing, and a new model's pairs
+# can never be read from an old entry. Each result keeps its training time: the arms of one fraction get the same steps,
+# and the times show what that costs.
+
+# %%
+#| export
+def _pairs_tensors(ds)->tuple:
+    "Stacked (images, masks) of a pair dataset."
+    items = [ds[k] for k in range(len(ds))]
+    return torch.stack([it['image'] for it in items]), torch.stack([it['mask'] for it in items])
+
+def aug_seg_arm(cfg:AugSegConfig, # the arm
+                real:torch.utils.data.Dataset, # real training pairs (items with 'image' and 'mask')
+                test:torch.utils.data.Dataset, # held-out real pairs it is scored on
+                syn_images:torch.Tensor|None=None, # synthetic images added (their first `cfg.synthetic`)
+                syn_masks:torch.Tensor|None=None, # their masks
+                pool:tuple|None=None, # (images, masks): synthetic pairs to score the net's agreement with
+                cache:bool=True # read and write the result cache
+               )->dict:
+    "{'dice', 'iou', 'train_s', 'agreement' (array or None)} of one augmentation arm; cached by config and content."
+    syn = (syn_images[:cfg.synthetic], syn_masks[:cfg.synthetic]) if cfg.synthetic else (None, None)
+    def run(d=None):
+        t0 = time.time(); net = train_aug_segmenter(cfg, real, syn_images, syn_masks); train_s = time.time() - t0
+        res = {**seg_scores(net, test), 'train_s': train_s, 'agreement': None if pool is None else agreement(net, *pool).tolist()}
+        if d is not None: (d/'result.json').write_text(json.dumps(res))
+        return res
+    if not cache: res = run()
+    else:
+        key = {'cfg': cfg, 'real': tensor_hash(*_pairs_tensors(real)), 'test': tensor_hash(*_pairs_tensors(test)),
+               'synthetic': tensor_hash(*syn), 'pool': tensor_hash(*pool) if pool is not None else None}
+        res = json.loads((cached_dir('skindualgen-aug', key, run)/'result.json').read_text())
+    return {**res, 'agreement': None if res['agreement'] is None else np.asarray(res['agreement'])}
 
 
 # %%
@@ -471,5 +513,21 @@ real_t = DermDataset(recs6, 32, 'squash')
 net_t = train_aug_segmenter(AugSegConfig(size=32, steps=2, batch_size=4, width=8, fraction=.5), real_t,
                             torch.rand(2, 3, 32, 32) * 2 - 1, torch.zeros(2, 32, 32, dtype=torch.bool))
 sc = seg_scores(net_t, real_t); assert 0 <= sc['dice'] <= 1 and 0 <= sc['iou'] <= 1
-sel_t, ag_t = select_synthetic(net_t, torch.rand(3, 3, 32, 32) * 2 - 1, torch.zeros(3, 32, 32, dtype=torch.bool), 2)
-test_eq(len(sel_t), 2); test_eq(ag_t.shape, (3,)); assert (np.diff(ag_t[sel_t.numpy()]) <= 0).all() and ((0 <= ag_t) & (ag_t <= 1)).all()
+ag_t = agreement(net_t, torch.rand(3, 3, 32, 32) * 2 - 1, torch.zeros(3, 32, 32, dtype=torch.bool))
+test_eq(ag_t.shape, (3,)); assert ((0 <= ag_t) & (ag_t <= 1)).all()
+test_eq(select_synthetic(np.array([.2, .9, .2, .5]), 3).tolist(), [1, 3, 0])
+with tempfile.TemporaryDirectory() as d:
+    import os; old = os.environ.get('DERMNB_CACHE'); os.environ['DERMNB_CACHE'] = d
+    try:
+        pool_t = (torch.rand(3, 3, 32, 32) * 2 - 1, torch.zeros(3, 32, 32, dtype=torch.bool))
+        c_t = AugSegConfig(size=32, steps=2, batch_size=4, width=8, fraction=.5, synthetic=2)
+        a1 = aug_seg_arm(c_t, real_t, real_t, *pool_t, pool=pool_t)
+        a2 = aug_seg_arm(c_t, real_t, real_t, *pool_t, pool=pool_t)           # a cache hit: the same result, no training
+        test_eq(a1['dice'], a2['dice']); test_eq(a1['train_s'], a2['train_s']); test_eq(a2['agreement'].shape, (3,))
+        test_eq(len(list((Path(d)/'skindualgen-aug').iterdir())), 1)
+        aug_seg_arm(c_t, real_t, real_t, pool_t[0] * 0, pool_t[1], pool=pool_t)  # other synthetic pixels: a new entry
+        test_eq(len(list((Path(d)/'skindualgen-aug').iterdir())), 2)
+        assert aug_seg_arm(AugSegConfig(size=32, steps=2, batch_size=4, width=8), real_t, real_t)['agreement'] is None
+    finally:
+        if old is None: os.environ.pop('DERMNB_CACHE')
+        else: os.environ['DERMNB_CACHE'] = old

@@ -24,7 +24,7 @@ from dermnb.metrics import inception_features
 from dermnb.segmenter import load_segmenter, SegmenterConfig
 from dermnb.lesiongen import CaptionConfig, caption_dataset, lite0_features, record_features, fit_linear_head, lesiongen_prompt
 from dermnb.skindualgen import (load_skindualgen, skindualgen_train_config, generate_pairs, consistency, mask_flag, AugSegConfig,
-                                train_aug_segmenter, seg_scores, select_synthetic, write_pairs, SHAPE_DEFAULTS)
+                                aug_seg_arm, select_synthetic, write_pairs, SHAPE_DEFAULTS)
 from dermnb.runner import figure_setup
 out = figure_setup(profile, data_root, seed, device, out_dir)
 root = out.root
@@ -121,6 +121,8 @@ fid = pd.DataFrame(fid_rows); out.csv(fid, 'fid_per_class'); lap('FID'); fid.rou
 # hybrid runs at the smallest fraction, where the paper's claim is made. An arm trained for too few steps is limited by
 # its steps rather than its data, and then no data, real or synthetic, can help it: the real-only curve, read against
 # the fraction, shows how much ten times more real data buys at this budget, the scale any synthetic gain is read on.
+# Every arm's result is cached by its config and the content of its data (`aug_seg_arm`), so a rerun with the same
+# models trains nothing; `train_s` in `augmentation_segmentation.csv` is each arm's own training time.
 
 # %%
 train_pairs = DermDataset([r for r in get_split('isic2018_task1', 'train', root)], 64, 'squash', in_memory=True)
@@ -134,16 +136,16 @@ seg = []
 for f in S['fractions']:
     n_real = int(round(f * len(train_pairs))); n_syn = min(n_real, len(syn_i))
     for s in S['seeds']:
-        real_net = train_aug_segmenter(AugSegConfig(steps=S['seg_steps'], fraction=f, seed=s), train_pairs)
-        sel, agree = select_synthetic(real_net, syn_i, syn_m, n_syn)        # the arm's own real-only net picks the pairs
-        arms = {'real only': real_net,
-                'real + synthetic (filtered)': train_aug_segmenter(AugSegConfig(steps=S['seg_steps'], fraction=f, synthetic=n_syn, seed=s),
-                                                                   train_pairs, syn_i[sel], syn_m[sel])}
+        cfg = lambda n=0: AugSegConfig(steps=S['seg_steps'], fraction=f, synthetic=n, seed=s)
+        arms = {'real only': aug_seg_arm(cfg(), train_pairs, test_pairs, pool=(syn_i, syn_m))}   # its agreement picks the pairs
+        sel = select_synthetic(arms['real only']['agreement'], n_syn)
+        arms['real + synthetic (filtered)'] = aug_seg_arm(cfg(n_syn), train_pairs, test_pairs, syn_i[sel], syn_m[sel])
         if f == min(S['fractions']):                                         # the unfiltered hybrid, at the smallest fraction
-            arms['real + synthetic'] = train_aug_segmenter(AugSegConfig(steps=S['seg_steps'], fraction=f, synthetic=n_syn, seed=s), train_pairs, syn_i, syn_m)
-        for arm, net in arms.items():
+            arms['real + synthetic'] = aug_seg_arm(cfg(n_syn), train_pairs, test_pairs, syn_i, syn_m)
+        for arm, r in arms.items():
             seg.append({'fraction': f, 'seed': s, 'arm': arm, 'n_real': n_real, 'n_synthetic': 0 if arm == 'real only' else n_syn,
-                        'agreement_kept': float(agree[sel].mean()) if 'filtered' in arm else np.nan, **seg_scores(net, test_pairs)})
+                        'agreement_kept': float(arms['real only']['agreement'][sel].mean()) if 'filtered' in arm else np.nan,
+                        'dice': r['dice'], 'iou': r['iou'], 'train_s': r['train_s']})
 seg = pd.DataFrame(seg); out.csv(seg, 'augmentation_segmentation')
 gain = seg.pivot_table(index=['fraction', 'seed'], columns='arm', values='dice')
 gain = pd.concat([(gain[a] - gain['real only']).dropna().rename('gain').reset_index().assign(arm=a) for a in gain.columns if a != 'real only'])
