@@ -140,6 +140,7 @@ def build_backbone(cfg:TrainConfig, # the training config
         if got != (cfg.cond, cfg.space, cfg.image_size):
             raise DermnbError(f"base {cfg.base!r} is a {got[0]}-conditional {got[1]}-space model at {got[2]} px, but the config "
                               f"says cond={cfg.cond!r}, space={cfg.space!r}, image_size={cfg.image_size}")
+        seed_everything(cfg.seed)                    # the adapters' init: the config's, whatever ran in the process before
     else:
         ae = load_ae(cfg.ae, dev) if cfg.space == 'latent' else None
         te = (encode_text or load_text_encoder(cfg.text_encoder, dev)) if cfg.cond == 'text' else None

@@ -451,6 +451,12 @@ def seg_scores(net, # a LesionUNet
 # boundary. `agreement` lets an arm's own real-only segmenter (trained on the same real fraction, so no other real data
 # enters the arm) score each synthetic pair by the Dice between its prediction and the generated mask, and
 # `select_synthetic` keeps the n pairs it agrees with most. The figure reports the unfiltered hybrid beside it.
+#
+# Measured while designing this, on ISIC 2018 *validation* (n = 255) at 10% real data, 3 seeds, 200 steps: Dice gain
+# over real only +0.004 ± 0.017 for the filtered arm. Tried and not kept: ignoring a 2-pixel band around each synthetic
+# mask's boundary (where generated masks and images disagree most) +0.003 ± 0.016, synthetic pixels at half weight
+# +0.001 ± 0.016, only the better half of the selected pairs −0.007 ± 0.040, all pairs with the boundary band ignored
+# +0.004 ± 0.020. The seed-to-seed spread of one arm (about 0.016) is four times any of these gains.
 
 # %%
 #| export
