@@ -123,6 +123,8 @@ fid = pd.DataFrame(fid_rows); out.csv(fid, 'fid_per_class'); lap('FID'); fid.rou
 # the fraction, shows how much ten times more real data buys at this budget, the scale any synthetic gain is read on.
 # Every arm's result is cached by its config and the content of its data (`aug_seg_arm`), so a rerun with the same
 # models trains nothing; `train_s` in `augmentation_segmentation.csv` is each arm's own training time.
+# The pool holds `n_syn` generated pairs less the flagged ones (`pool` in the table). Where the real fraction has at least
+# as many images as the pool, the filtered arm takes every pair, so at those fractions it is the unfiltered hybrid.
 
 # %%
 train_pairs = DermDataset([r for r in get_split('isic2018_task1', 'train', root)], 64, 'squash', in_memory=True)
@@ -143,7 +145,7 @@ for f in S['fractions']:
         if f == min(S['fractions']):                                         # the unfiltered hybrid, at the smallest fraction
             arms['real + synthetic'] = aug_seg_arm(cfg(n_syn), train_pairs, test_pairs, syn_i, syn_m)
         for arm, r in arms.items():
-            seg.append({'fraction': f, 'seed': s, 'arm': arm, 'n_real': n_real, 'n_synthetic': 0 if arm == 'real only' else n_syn,
+            seg.append({'fraction': f, 'seed': s, 'arm': arm, 'n_real': n_real, 'n_synthetic': 0 if arm == 'real only' else n_syn, 'pool': len(syn_i),
                         'agreement_kept': float(arms['real only']['agreement'][sel].mean()) if 'filtered' in arm else np.nan,
                         'dice': r['dice'], 'iou': r['iou'], 'train_s': r['train_s']})
 seg = pd.DataFrame(seg); out.csv(seg, 'augmentation_segmentation')
