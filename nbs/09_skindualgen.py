@@ -522,18 +522,15 @@ sc = seg_scores(net_t, real_t); assert 0 <= sc['dice'] <= 1 and 0 <= sc['iou'] <
 ag_t = agreement(net_t, torch.rand(3, 3, 32, 32) * 2 - 1, torch.zeros(3, 32, 32, dtype=torch.bool))
 test_eq(ag_t.shape, (3,)); assert ((0 <= ag_t) & (ag_t <= 1)).all()
 test_eq(select_synthetic(np.array([.2, .9, .2, .5]), 3).tolist(), [1, 3, 0])
-with tempfile.TemporaryDirectory() as d:
-    import os; old = os.environ.get('DERMNB_CACHE'); os.environ['DERMNB_CACHE'] = d
-    try:
-        pool_t = (torch.rand(3, 3, 32, 32) * 2 - 1, torch.zeros(3, 32, 32, dtype=torch.bool))
-        c_t = AugSegConfig(size=32, steps=2, batch_size=4, width=8, fraction=.5, synthetic=2)
-        a1 = aug_seg_arm(c_t, real_t, real_t, *pool_t, pool=pool_t)
-        a2 = aug_seg_arm(c_t, real_t, real_t, *pool_t, pool=pool_t)           # a cache hit: the same result, no training
-        test_eq(a1['dice'], a2['dice']); test_eq(a1['train_s'], a2['train_s']); test_eq(a2['agreement'].shape, (3,))
-        test_eq(len(list((Path(d)/'skindualgen-aug').iterdir())), 1)
-        aug_seg_arm(c_t, real_t, real_t, pool_t[0] * 0, pool_t[1], pool=pool_t)  # other synthetic pixels: a new entry
-        test_eq(len(list((Path(d)/'skindualgen-aug').iterdir())), 2)
-        assert aug_seg_arm(AugSegConfig(size=32, steps=2, batch_size=4, width=8), real_t, real_t)['agreement'] is None
-    finally:
-        if old is None: os.environ.pop('DERMNB_CACHE')
-        else: os.environ['DERMNB_CACHE'] = old
+import os
+from unittest.mock import patch
+with tempfile.TemporaryDirectory() as d, patch.dict(os.environ, {'DERMNB_CACHE': d}):
+    pool_t = (torch.rand(3, 3, 32, 32) * 2 - 1, torch.zeros(3, 32, 32, dtype=torch.bool))
+    c_t = AugSegConfig(size=32, steps=2, batch_size=4, width=8, fraction=.5, synthetic=2)
+    a1 = aug_seg_arm(c_t, real_t, real_t, *pool_t, pool=pool_t)
+    a2 = aug_seg_arm(c_t, real_t, real_t, *pool_t, pool=pool_t)           # a cache hit: the same result, no training
+    test_eq(a1['dice'], a2['dice']); test_eq(a1['train_s'], a2['train_s']); test_eq(a2['agreement'].shape, (3,))
+    test_eq(len(list((Path(d)/'skindualgen-aug').iterdir())), 1)
+    aug_seg_arm(c_t, real_t, real_t, pool_t[0] * 0, pool_t[1], pool=pool_t)  # other synthetic pixels: a new entry
+    test_eq(len(list((Path(d)/'skindualgen-aug').iterdir())), 2)
+    assert aug_seg_arm(AugSegConfig(size=32, steps=2, batch_size=4, width=8), real_t, real_t)['agreement'] is None
