@@ -491,20 +491,22 @@ def classifier_arms(real_X:np.ndarray, # features of the real training pool
 # %% ../nbs/07_lesiongen.ipynb #93e65e54
 def concept_faithfulness(bb, # a LesionGen backbone
                          clf:ConceptClassifier, # the judge
-                         m:int=24, # images per concept and condition
+                         m:int=24, # image pairs per concept
                          guidance_scale:float=4., # classifier-free guidance
                          steps:int=20, # DDIM steps
-                         seed:int=0 # sampling seed
+                         seed:int=0 # sampling seed (concept j uses seed + 1000 j for both prompts of a pair)
                         )->pd.DataFrame:
-    "Per concept: detection rate in images prompted with the concept, and in the same prompts without it."
+    "Per concept: detection rates with and without the concept prompted (paired noise), their lift and its SE."
     from dermnb.base import generate
     rows = []
     for j, k in enumerate(CONCEPTS):
         dx = ['melanoma' if i % 2 == 0 else 'nevus' for i in range(m)]
-        with_c = [lesiongen_prompt(d, [k]) for d in dx]; without = [lesiongen_prompt(d) for d in dx]
-        imgs = generate(bb, with_c + without, guidance_scale, steps, seed=seed + 1000 * j)
-        p = clf.predict_images(imgs)[k].to_numpy() >= clf.thresholds[k]['decision']
-        rows.append({'concept': k, 'prompted_rate': float(p[:m].mean()), 'unprompted_rate': float(p[m:].mean()), 'm': m})
+        p_with, p_without = (clf.predict_images(generate(bb, [lesiongen_prompt(d, c) for d in dx], guidance_scale, steps,
+                                                         seed=seed + 1000 * j))[k].to_numpy() for c in ([k], []))
+        t = clf.thresholds[k]['decision']; a, b = p_with >= t, p_without >= t; d = a.astype(float) - b
+        rows.append({'concept': k, 'prompted_rate': float(a.mean()), 'unprompted_rate': float(b.mean()), 'lift': float(d.mean()),
+                     'lift_se': float(d.std(ddof=1) / np.sqrt(m)) if m > 1 else float('nan'), 'gained': float((a & ~b).mean()),
+                     'lost': float((b & ~a).mean()), 'prob_shift': float((p_with - p_without).mean()), 'm': m})
     return pd.DataFrame(rows)
 
 # %% ../nbs/07_lesiongen.ipynb #63a574ec
@@ -537,7 +539,7 @@ def class_prompts(rows:Sequence[dict], # caption dataset rows (training split)
 # %% ../nbs/07_lesiongen.ipynb #9396c7ba
 def fid_per_class(bb, # a LesionGen backbone
                   prompts:dict, # class -> prompts (`class_prompts`)
-                  real:dict, # class -> real images (N, 3, S, S) in [-1, 1]
+                  real:dict, # class -> real images (N, 3, S, S) in [-1, 1], or their Inception features (N, 2048)
                   guidance_scale:float=4., # guidance
                   steps:int=20, # DDIM steps
                   seed:int=0, # sampling seed
@@ -550,7 +552,7 @@ def fid_per_class(bb, # a LesionGen backbone
     for j, c in enumerate(CLASSES):
         n = min(len(prompts[c]), len(real[c]))
         imgs = generate(bb, prompts[c][:n], guidance_scale, steps, seed=seed + 100 * j)
-        rf = inception_features((real[c][:n].float() + 1) / 2, device=device)
+        rf = real[c][:n] if isinstance(real[c], np.ndarray) else inception_features((real[c][:n].float() + 1) / 2, device=device)
         rows.append({'class': c, **fid_kid(rf, imgs, device, seed)})
     return pd.DataFrame(rows)
 

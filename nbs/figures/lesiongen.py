@@ -162,19 +162,29 @@ out.csv(worst.reset_index(), 'worst_subgroups'); worst
 
 # %% [markdown]
 # ## Concept faithfulness: rich vs label-only captions, judged by the concept classifier
+#
+# Each concept is prompted in `m_faith` images and left out of as many, from the same starting noise (see
+# `concept_faithfulness`): the left panel is the detection rate when prompted (black bars: the judge's rate on real
+# test images with the concept), the right one the lift the concept words cause over their pairs (± 1 SE).
 
 # %%
 faith = pd.concat([concept_faithfulness(m, clf, S['m_faith'], g, 20, seed).assign(captions=k) for k, m in models.items()], ignore_index=True)
 real_rates = real_concept_rates(clf, root)
 faith = faith.merge(real_rates, on='concept')
 out.csv(faith, 'concept_faithfulness')
-fig, ax = plt.subplots(figsize=(10, 3.4))
-fl = faith.melt(id_vars=['concept', 'captions'], value_vars=['prompted_rate'], value_name='rate')
-sns.barplot(fl, x='concept', y='rate', hue='captions', ax=ax)
-ax.scatter(range(len(real_rates)), real_rates.real_with_rate, color='k', marker='_', s=300, zorder=3, label='real images with the concept')
-ax.set_title(f"Detection rate of the prompted concept (m={S['m_faith']} per concept)"); ax.tick_params(axis='x', rotation=25); ax.legend(fontsize=7)
+fig, axs = plt.subplots(1, 2, figsize=(13, 3.4))
+sns.barplot(faith, x='concept', y='prompted_rate', hue='captions', ax=axs[0])
+axs[0].scatter(range(len(real_rates)), real_rates.real_with_rate, color='k', marker='_', s=300, zorder=3, label='real images with the concept')
+axs[0].set_title(f"Detection rate of the prompted concept (m={S['m_faith']} per concept)"); axs[0].legend(fontsize=7)
+sns.barplot(faith, x='concept', y='lift', hue='captions', ax=axs[1])
+for i, k in enumerate(('rich', 'label')):
+    f_ = faith[faith.captions == k]; axs[1].errorbar(np.arange(len(f_)) + (i - .5) * .4, f_.lift, f_.lift_se, fmt='none', color='k', lw=1)
+axs[1].axhline(0, color='k', lw=.8); axs[1].set_title('Lift: prompted − unprompted detection, paired noise (± SE)')
+for ax in axs: ax.tick_params(axis='x', rotation=25); ax.set_xlabel('')
 out.png(fig, 'concept_faithfulness'); lap('faithfulness')
-faith.groupby('captions')[['prompted_rate', 'unprompted_rate']].mean().round(3)
+fsum = faith.groupby('captions')[['prompted_rate', 'unprompted_rate', 'lift', 'prob_shift']].mean()
+fsum['lift_se'] = faith.groupby('captions').lift_se.apply(lambda s: float(np.sqrt((s ** 2).sum())) / len(s))   # SE of the mean over concepts
+out.csv(fsum.reset_index(), 'concept_faithfulness_summary'); fsum.round(3)
 
 # %% [markdown]
 # ## FID per class against real ISIC 2019 test images
@@ -182,7 +192,9 @@ faith.groupby('captions')[['prompted_rate', 'unprompted_rate']].mean().round(3)
 # %%
 real_by_class = {c: DermDataset([r for r in i19_test if CLASS_GROUPS[r.diagnosis] == c][:S['n_fid']], 64, 'squash', with_mask=False).images_uint8().float() / 127.5 - 1
                  for c in CLASSES}
-fid = pd.concat([fid_per_class(m, class_prompts(rows, S['n_fid'], k, seed), real_by_class, g, 20, seed, device).assign(captions=k)
+from dermnb.metrics import inception_features
+real_feats = {c: inception_features((x + 1) / 2, device=device) for c, x in real_by_class.items()}   # once, for both models and the sweep
+fid = pd.concat([fid_per_class(m, class_prompts(rows, S['n_fid'], k, seed), real_feats, g, 20, seed, device).assign(captions=k)
                  for k, m in models.items()], ignore_index=True)
 out.csv(fid, 'fid_per_class')
 fig, ax = plt.subplots(figsize=(8, 3.2)); sns.barplot(fid, x='class', y='fid', hue='captions', ax=ax)
@@ -191,23 +203,25 @@ fid.pivot(index='class', columns='captions', values='fid').round(1)
 
 # %% [markdown]
 # ## Guidance × steps (rich captions)
+#
+# FID of a mix of all classes' prompts (n generated in the CSV) against the real test images of every class (`n_real`),
+# with the concept detection rate and lift at `m_sweep` pairs per concept.
 
 # %%
 mix = class_prompts(rows, S['n_sweep'] // len(CLASSES) + 1, 'rich', seed + 7)
 sweep_prompts = [p for c in CLASSES for p in mix[c]][:S['n_sweep']]
-real_mix = torch.cat([real_by_class[c] for c in CLASSES])
 from dermnb.base import fid_kid
-from dermnb.metrics import inception_features
-real_mix_feats = inception_features((real_mix[:S['n_sweep'] * 2].float() + 1) / 2, device=device)
+real_mix_feats = np.concatenate([real_feats[c] for c in CLASSES])      # every class (n in fid_per_class.csv), as the prompts mix them
 sw = []
 for gs in S['guidance']:
     for st in S['steps']:
         f = fid_kid(real_mix_feats, generate(models['rich'], sweep_prompts, gs, st, seed=seed), device, seed)
         cf = concept_faithfulness(models['rich'], clf, S['m_sweep'], gs, st, seed)
-        sw.append({'guidance': gs, 'steps': st, **f, 'concept_rate': cf.prompted_rate.mean(), 'concept_rate_unprompted': cf.unprompted_rate.mean()})
+        sw.append({'guidance': gs, 'steps': st, **f, 'concept_rate': cf.prompted_rate.mean(), 'concept_rate_unprompted': cf.unprompted_rate.mean(),
+                   'concept_lift': cf.lift.mean(), 'n_real': len(real_mix_feats)})
 sw = pd.DataFrame(sw); out.csv(sw, 'guidance_steps_sweep')
-fig, axs = plt.subplots(1, 2, figsize=(9, 3.2))
-for ax, v in zip(axs, ('fid', 'concept_rate')):
+fig, axs = plt.subplots(1, 3, figsize=(13, 3.2))
+for ax, v in zip(axs, ('fid', 'concept_rate', 'concept_lift')):
     sns.heatmap(sw.pivot(index='guidance', columns='steps', values=v), annot=True, fmt='.2f' if v != 'fid' else '.0f', ax=ax, cmap='viridis')
     ax.set_title(v.replace('_', ' '))
 out.png(fig, 'guidance_steps_sweep'); lap('sweep')
