@@ -474,8 +474,9 @@ def classifier_arms(real_X:np.ndarray, # features of the real training pool
         ri = rng.permutation(len(real_X)); si = rng.permutation(len(syn_X[s]))
         real, syn = (real_X[ri[:n]], real_y[ri[:n]]), (syn_X[s][si[:n]], syn_y[s][si[:n]])
         mix = lambda k: tuple(np.concatenate([r[:k], q[:n - k] if k < n else q]) for r, q in zip(real, syn))
-        arms = {'real-only': real, 'synthetic-only': syn, 'real + synthetic': mix(n // 2), 'real + synthetic (added)': mix(n)}
-        n_real = {'real-only': n, 'synthetic-only': 0, 'real + synthetic': n // 2, 'real + synthetic (added)': n}
+        arms = {'real-only': real, 'synthetic-only': syn, 'real + synthetic': mix(n // 2), 'real + synthetic (added)': mix(n),
+                'real-only (half)': tuple(r[:n // 2] for r in real)}
+        n_real = {'real-only': n, 'synthetic-only': 0, 'real + synthetic': n // 2, 'real + synthetic (added)': n, 'real-only (half)': n // 2}
         for arm, (X, y) in arms.items():
             m, C, w = head(X, y, s, np.arange(len(y)) >= n_real[arm]); p = m.predict(test_X)
             row = {'arm': arm, 'seed': s, 'n_train': len(y), 'C': C, 'syn_weight': w, 'accuracy': float((p == test_y).mean()), 'balanced_accuracy': _balacc(test_y, p)}

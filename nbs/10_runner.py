@@ -248,8 +248,10 @@ def _lesiongen_arms(d):
     f = lambda a, c: f"{t.loc[a, c + ' mean']:.3f} ± {t.loc[a, c + ' std']:.3f}"
     ratio = t.loc['synthetic-only', 'balanced_accuracy mean'] / t.loc['real-only', 'balanced_accuracy mean']
     return (f"balanced acc: real {f('real-only', 'balanced_accuracy')}, synthetic {f('synthetic-only', 'balanced_accuracy')} "
-            f"({ratio:.0%} of real), real+syn (equal count) {f('real + synthetic', 'balanced_accuracy')}, real+syn (added, 2n) "
-            f"{f('real + synthetic (added)', 'balanced_accuracy')}; worst subgroup: real {f('real-only', 'worst subgroup')}, "
+            f"({ratio:.1%} of real), real+syn (equal count) {f('real + synthetic', 'balanced_accuracy')}, real+syn (added, 2n) "
+            f"{f('real + synthetic (added)', 'balanced_accuracy')}"
+            + (f", the real half alone {f('real-only (half)', 'balanced_accuracy')}" if 'real-only (half)' in t.index else '')
+            + f"; worst subgroup: real {f('real-only', 'worst subgroup')}, "
             f"real+syn {f('real + synthetic', 'worst subgroup')}, added {f('real + synthetic (added)', 'worst subgroup')}",
             f"ISIC 2019 test, n = {int(t['n_test'].iloc[0])}; {int(t['n_train'].iloc[0])} training images per arm, {int(t['seeds'].iloc[0])} seeds")
 
