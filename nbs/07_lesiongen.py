@@ -818,7 +818,8 @@ bench.groupby(['guidance', 'arm'], sort=False)[['val_balanced_accuracy', 'test_b
 #   have the concept (its recall) and those that do not;
 # - the **lift**: prompted minus unprompted rate over the pairs, with its standard error from the paired
 #   differences. A model that draws every concept into every image has a high detection rate and no lift; the
-#   label-only model never saw a concept word, so its lift measures how far concept words move it by accident.
+#   label-only model never saw a concept word (its base model's captions name none of the seven criteria; only
+#   "vascular lesion" as a diagnosis), so its lift measures how far concept words move it by accident.
 #
 # Pairing the noise removes the image-to-image variation that dominates unpaired rates at small m (at m = 24 an
 # unpaired rate has a standard error near 0.1 per concept). `prob_shift` is the mean change in the judge's
