@@ -786,23 +786,36 @@ test_close(coef_(np.ones(120)), coef_(None), eps=1e-6)                      # un
 assert np.abs(coef_(np.r_[np.ones(60), np.full(60, .1)]) - coef_(None)).max() > 1e-3   # the weights do reach the fit
 
 # %% [markdown]
-# **Which synthetic pool?** Two ways to make the synthetic half worth more were measured on the real ISIC 2019
+# **Which synthetic pool?** Three ways to make the synthetic half worth more were measured on the real ISIC 2019
 # *validation* split by `benchmarks/lesiongen_synthetic_variants.py` (the figure's pools, prompts and noise, 3 seeds;
-# test is printed for the record only): the generation guidance (the figure's g = 4 against g = 2, which the sweep
-# shows is closer to the real images by FID), and filtering, which keeps the synthetic images that a classifier of
-# the arm's own real images finds most typical of their prompted class. Filtering lowers validation accuracy at both
-# guidances (the most typical images add the least that the real ones do not already say). Lower guidance helps the
-# mixed arm on validation and costs the synthetic-only arm; its test gain is inside the seed spread, so the figure keeps
-# one pool (g = 4) for every arm rather than generating a second one.
+# test is printed for the record only, the choice is made on validation):
+#
+# - the generation guidance: the figure's g = 4 against g = 2, which the sweep shows is closer to the real images by FID;
+# - filtering, which keeps the synthetic images that a classifier of the arm's own real images finds most typical of
+#   their prompted class;
+# - a LoRA trained twice as long (1200 steps).
+#
+# Filtering lowers validation accuracy at every setting (the most typical images add the least that the real ones do
+# not already say). Lower guidance helps the mixed arm on validation and costs the synthetic-only arm. The longer LoRA
+# lowers both the synthetic-only and the mixed arm on validation (it raises the added arm). No setting beats the
+# figure's mixed arm on validation by more than the seed spread, so the figure keeps its one pool (600 steps, g = 4)
+# for every arm. The validation split is small (586 images, a few dozen in the rarer classes), and on test the longer
+# LoRA's mixed arm does reach real-only; adopting it for that reason would be choosing on the test split, so it is
+# reported here and not adopted.
 
 # %%
 from dermnb.core import results_csv
 bench = results_csv('benchmarks/results/lesiongen_synthetic_variants.csv')
-v_ = bench.groupby(['guidance', 'arm']).val_balanced_accuracy.mean()        # the prose above, checked against the measurement
-for g_ in bench.guidance.unique():
-    for a_ in ('real + synthetic', 'real + synthetic (added)'): assert v_[(g_, a_ + ', filtered')] < v_[(g_, a_)]
-assert v_[(2., 'real + synthetic')] > v_[(4., 'real + synthetic')] and v_[(2., 'synthetic-only')] < v_[(4., 'synthetic-only')]
-bench.groupby(['guidance', 'arm'], sort=False)[['val_balanced_accuracy', 'test_balanced_accuracy']].agg(['mean', 'std']).round(3)
+key_ = ['lora_steps', 'guidance', 'arm']
+v_ = bench.groupby(key_).val_balanced_accuracy.mean(); sd_ = bench.groupby(key_).val_balanced_accuracy.std()   # the prose, checked
+for st_, g_ in bench[['lora_steps', 'guidance']].drop_duplicates().itertuples(index=False):
+    for a_ in ('real + synthetic', 'real + synthetic (added)'): assert v_[(st_, g_, a_ + ', filtered')] < v_[(st_, g_, a_)]
+assert v_[(600, 2., 'real + synthetic')] > v_[(600, 4., 'real + synthetic')] and v_[(600, 2., 'synthetic-only')] < v_[(600, 4., 'synthetic-only')]
+assert v_[(1200, 4., 'real + synthetic')] < v_[(600, 4., 'real + synthetic')] and v_[(1200, 4., 'synthetic-only')] < v_[(600, 4., 'synthetic-only')]
+assert v_[(1200, 4., 'real + synthetic (added)')] > v_[(600, 4., 'real + synthetic (added)')]
+t_ = bench.groupby(key_).test_balanced_accuracy.mean(); assert t_[(1200, 4., 'real + synthetic')] >= t_[(1200, 4., 'real-only')]
+best_ = v_.xs('real + synthetic', level='arm'); assert best_.max() - v_[(600, 4., 'real + synthetic')] < sd_.xs('real + synthetic', level='arm').max()
+bench.groupby(key_, sort=False)[['val_balanced_accuracy', 'test_balanced_accuracy']].agg(['mean', 'std']).round(3)
 
 
 # %% [markdown]
