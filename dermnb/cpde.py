@@ -26,8 +26,8 @@ from .lesiongen import CONCEPTS
 
 # %% auto #0
 __all__ = ['ATTRIBUTES', 'DIRECTIONS', 'PLAIN', 'ALL_EDITS', 'X0_FRACTION', 'XT_FRACTION', 'METHODS', 'DCLIP_RANK', 'DCLIP_T0',
-           'PAPER', 'METHOD_NAMES', 'EDIT_DATASETS', 'MASK_WARN', 'Edit', 'segment_masks', 'EditSet', 'edit_set',
-           'asym_ddim', 'Inversion', 'invert', 'cached_inversion', 'lpips_curves', 'choose_t', 'unet_temb',
+           'PAPER', 'METHOD_NAMES', 'EDIT_DATASETS', 'QUALITY_BOOST', 'MASK_WARN', 'Edit', 'segment_masks', 'EditSet',
+           'edit_set', 'asym_ddim', 'Inversion', 'invert', 'cached_inversion', 'lpips_curves', 'choose_t', 'unet_temb',
            'DeltaBlock', 'DeltaBlocks', 'FiLMResBlock', 'SCT', 'edit_conditions', 'EditorConfig', 'source_pairs',
            'make_editor', 'train_editor', 'apply_editor', 'composite_edit', 'train_diffusionclip',
            'apply_diffusionclip', 'diagnosis_head', 'edit_metrics', 'comparison', 'paired_difference',
@@ -323,7 +323,7 @@ class EditorConfig(Config):
     method:str='cpde'          # one of METHODS
     steps:int=20               # DDIM steps (the inversion's)
     t_edit:int=501             # Δh from this timestep up (chosen by `choose_t`)
-    t_addnoise:int=201         # η = 1 below this timestep at sampling
+    t_addnoise:int=201         # η = 1 below this timestep at sampling (`load_editor`: 0 unless `quality_boost`)
     pairs_per_edit:int=8       # training (image, edit) pairs per edit
     batch_size:int=8           # pairs per rollout
     epochs:int=1               # passes over the pairs
@@ -628,13 +628,17 @@ def edit_schedule(bb:Backbone, # the backbone
     curves = lpips_curves(bb, sub, inv); cos = float(edit_conditions(clip, list(ALL_EDITS))['cos'].mean())
     return {**choose_t(curves, cos), 'cos': cos, 'curves': curves}
 
-# %% ../nbs/08_cpde.ipynb #d53ac193
+# %% ../nbs/08_cpde.ipynb #adb373e6
+QUALITY_BOOST = False    # sample with η = 1 below the rule's t_addnoise (Asyrp's quality boosting); measured off
+
+# %% ../nbs/08_cpde.ipynb #ad3ab713
 def load_editor(method:str='cpde', # one of METHODS
                 profile:str='quick', # run profile
                 root:str|Path|None=None, # data root
                 device:str='auto', # device
                 mask_method:str='unet', # masks of Derm7pt
                 progress:bool=True, # progress bars
+                quality_boost:bool=QUALITY_BOOST, # η = 1 below the rule's t_addnoise at sampling (else deterministic)
                 **kw # EditorConfig overrides (pairs_per_edit, lr, ...)
                )->tuple:
     "(editor, config, conditions, backbone, clip): a trained h-space editor, trained and cached on a miss."
@@ -645,7 +649,7 @@ def load_editor(method:str='cpde', # one of METHODS
     clip = load_concept_dermclip(profile, root, 'cpu')
     es = cpde_images('train', mask_method, profile, root, device)
     sched = edit_schedule(bb, es, clip)
-    cfg = EditorConfig(method=method, t_edit=sched['t_edit'], t_addnoise=sched['t_addnoise'], backbone=base_config(profile).hash(),
+    cfg = EditorConfig(method=method, t_edit=sched['t_edit'], t_addnoise=sched['t_addnoise'] if quality_boost else 0, backbone=base_config(profile).hash(),
                        clip=clip.cache_dir.name, data=f"{'+'.join(EDIT_DATASETS)}:train:masks-{mask_method}", **kw)
     conds = edit_conditions(clip, [Edit(*e) for e in cfg.edits])
     def build(d):
