@@ -323,7 +323,7 @@ class EditorConfig(Config):
     method:str='cpde'          # one of METHODS
     steps:int=20               # DDIM steps (the inversion's)
     t_edit:int=501             # Δh from this timestep up (chosen by `choose_t`)
-    t_addnoise:int=201         # η = 1 below this timestep at sampling (`load_editor`: 0 unless `quality_boost`)
+    t_addnoise:int=201         # η = 1 below this timestep at sampling (`load_editor`: the rule's, or 0 without `quality_boost`)
     pairs_per_edit:int=8       # training (image, edit) pairs per edit
     batch_size:int=8           # pairs per rollout
     epochs:int=1               # passes over the pairs
@@ -629,7 +629,7 @@ def edit_schedule(bb:Backbone, # the backbone
     return {**choose_t(curves, cos), 'cos': cos, 'curves': curves}
 
 # %% ../nbs/08_cpde.ipynb #adb373e6
-QUALITY_BOOST = False    # sample with η = 1 below the rule's t_addnoise (Asyrp's quality boosting); measured off
+QUALITY_BOOST = True     # sample with η = 1 below the rule's t_addnoise (Asyrp's quality boosting, as the official code does)
 
 # %% ../nbs/08_cpde.ipynb #ad3ab713
 def load_editor(method:str='cpde', # one of METHODS

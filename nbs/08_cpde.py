@@ -18,10 +18,10 @@
 # is a 4.3M-parameter text-conditional UNet on 32×8×8 TAEF2 latents of 64-px images, whose mid-block output h is
 # 128×4×4 with a 256-d time embedding. The DeltaBlock keeps its layers at C = 128. The official schedule (50 inversion
 # and training steps, t_edit 500, t_addnoise 200) becomes 20 DDIM steps (the base model's sampling grid), and t_edit
-# comes from Asyrp's LPIPS rule measured on our backbone (below); its η = 1 "quality boosting" below t_addnoise is
-# measured and left off (`QUALITY_BOOST`, below). Asyrp trains 12,500 SGD steps per edit
-# at batch 1; the quick profile affords a few dozen batched steps per method, so the learning rates are raised and the
-# optimiser is Adam (stated with each).
+# and t_addnoise come from Asyrp's LPIPS rule measured on our backbone (below; its η = 1 "quality boosting" below
+# t_addnoise is kept, as the official code does it, and what it costs here is measured: `QUALITY_BOOST`). Asyrp
+# trains 12,500 SGD steps per edit at batch 1; the quick profile affords a few dozen batched steps per method, so the
+# learning rates are raised and the optimiser is Adam (stated with each).
 
 # %%
 #| default_exp cpde
@@ -528,7 +528,7 @@ class EditorConfig(Config):
     method:str='cpde'          # one of METHODS
     steps:int=20               # DDIM steps (the inversion's)
     t_edit:int=501             # Δh from this timestep up (chosen by `choose_t`)
-    t_addnoise:int=201         # η = 1 below this timestep at sampling (`load_editor`: 0 unless `quality_boost`)
+    t_addnoise:int=201         # η = 1 below this timestep at sampling (`load_editor`: the rule's, or 0 without `quality_boost`)
     pairs_per_edit:int=8       # training (image, edit) pairs per edit
     batch_size:int=8           # pairs per rollout
     epochs:int=1               # passes over the pairs
@@ -991,19 +991,21 @@ def edit_schedule(bb:Backbone, # the backbone
 
 
 # %%
-# **Asyrp's quality boosting is off.** Below t_addnoise Asyrp samples with η = 1, which on its 256-px pixel DDPM adds
-# detail. On our 64-px latent model the fresh noise in the last steps redraws what the inversion would have kept. On
-# the training split (`benchmarks/cpde_quality_boost.py`: the same editors and images, sampling only), deterministic
-# sampling (η = 0 throughout) raises segmentation consistency and lowers NS-LPIPS for CPDE and for Asyrp, with the
-# edit and without it (Δh = 0); it raises CPDE's S_dir and lowers Asyrp's a little; and it lowers the concept
-# classifier's detection after an 'add' edit for both (the redrawn detail is partly what the classifier reads as the
-# attribute). Context preservation is what CPDE is about, so every h-space method samples with `t_addnoise = 0`
-# (`QUALITY_BOOST = False`), the same sampler for every method; the rule's t_addnoise is still measured and shown in
-# the figure. The table is that benchmark's result, and the cell checks the claims just made against it.
+# **What Asyrp's quality boosting costs here.** Below t_addnoise Asyrp samples with η = 1, which on its 256-px pixel
+# DDPM adds detail. On our 64-px latent model the fresh noise in the last steps redraws what the inversion would have
+# kept. On the training split (`benchmarks/cpde_quality_boost.py`: the same editors and images, sampling only),
+# deterministic sampling (η = 0 throughout) raises segmentation consistency and lowers NS-LPIPS for CPDE and for
+# Asyrp, with the edit and without it (Δh = 0); it raises CPDE's S_dir and lowers Asyrp's a little; and it lowers the
+# concept classifier's detection after an 'add' edit for both (the redrawn detail is partly what the classifier reads
+# as the attribute). The figure keeps the official schedule (`QUALITY_BOOST = True`) for every method: the Asyrp
+# baseline is specified as the official code runs it, and one sampler for all methods keeps the ablation a
+# one-factor comparison. `load_editor(quality_boost=False)` gives the deterministic sampler for every method; the
+# issue notes give the whole figure measured that way. The table is the benchmark's result, and the cell checks the
+# claims just made against it.
 
 # %%
 #| export
-QUALITY_BOOST = False    # sample with η = 1 below the rule's t_addnoise (Asyrp's quality boosting); measured off
+QUALITY_BOOST = True     # sample with η = 1 below the rule's t_addnoise (Asyrp's quality boosting, as the official code does)
 
 # %%
 from dermnb.core import results_csv

@@ -40,10 +40,6 @@ def lap(what):
 
 # %% [markdown]
 # ## t_edit and t_addnoise by Asyrp's LPIPS rule, measured on our backbone
-#
-# Every h-space method edits from t_edit down. The rule's t_addnoise is shown, but sampling is deterministic
-# (η = 0 throughout): Asyrp's η = 1 "quality boosting" below it lowered fidelity on our 64-px latent model
-# (`benchmarks/cpde_quality_boost.py`, training split; see `nbs/08_cpde.ipynb`).
 
 # %%
 editors = {m: load_editor(m, profile, root, device, S['mask_method']) for m in METHODS}
@@ -55,8 +51,7 @@ fig, ax = plt.subplots(figsize=(6, 3.2))
 c = sched['curves']; ax.plot(c.t, c.d_x0 / c.d_x0.iloc[0], label='x̂0 of the reconstruction'); ax.plot(c.t, c.d_xt / c.d_xt.iloc[0], label='noised image x_t')
 ax.axvline(sched['t_edit'], color='C0', ls='--'); ax.axvline(sched['t_addnoise'], color='C1', ls='--')
 ax.set_xlabel('t'); ax.set_ylabel('LPIPS-style distance / plateau'); ax.legend(fontsize=8)
-ax.set_title(f"t_edit = {sched['t_edit']}, t_addnoise = {sched['t_addnoise']} (official fixed values: 500, 200)\n"
-             f"sampling uses t_addnoise = {cfg0.t_addnoise} (Asyrp's η = 1 boosting measured and off: 08_cpde)", fontsize=9)
+ax.set_title(f"t_edit = {sched['t_edit']}, t_addnoise = {sched['t_addnoise']} (official fixed values: 500, 200)")
 out.png(fig, 'lpips_rule')
 runs = pd.DataFrame([{'method': METHOD_NAMES[m], 'steps': len(pd.read_csv(e[0].cache_dir/'history.csv')),
                       'train_s': pd.read_csv(e[0].cache_dir/'history.csv').seconds.iloc[0], 'params': sum(p.numel() for p in e[0].parameters())}
@@ -68,7 +63,7 @@ lap('editors'); runs
 #
 # Per edit, `per_edit_test` test images in the source state (add: without the attribute; remove: with it). Two
 # references go with the methods: CPDE with latent blending only (no pixel composite), and CPDE's whole pipeline with
-# Δh = 0 (inversion, deterministic sampling, blending, composite: everything but the edit). The second
+# Δh = 0 (inversion, the η = 1 resampling below t_addnoise, blending, composite: everything but the edit). The second
 # separates what the edit does from what the autoencoder and the resampling do, for segmentation consistency and for
 # edit confirmation alike.
 
