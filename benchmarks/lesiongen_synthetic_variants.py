@@ -16,7 +16,7 @@ from dermnb.core import data_root, cache_root
 from dermnb.data import get_split
 from dermnb.base import generate
 from dermnb.lesiongen import (CLASSES, CLASS_GROUPS, CaptionConfig, caption_dataset, record_features, lite0_features, class_prompts,
-                              fit_linear_head, _balacc, lesiongen_train_config, lesiongen_dataset, lora_rows)
+                              fit_linear_head, fit_arm_head, _balacc, lesiongen_train_config, lesiongen_dataset, lora_rows)
 from dermnb.training import train_cached, load_trained
 from _results import save_results
 
@@ -40,9 +40,7 @@ Y = {k: np.array([CLASSES.index(CLASS_GROUPS[r.diagnosis]) for r in v]) for k, v
 
 def fit_best(Xa, ya, isy, s):
     "As classifier_arms: C (and the synthetic weight of a mixed arm) with the best validation balanced accuracy."
-    fits = [(fit_linear_head(Xa, ya, s, C, None if isy is None else np.where(isy > 0, w, 1.)), C, w)
-            for C in (0.003, 0.01, 0.03, 0.05) for w in ((1.,) if isy is None else (1., .5, .25, .1))]
-    return max(fits, key=lambda f: _balacc(Y['val'], f[0].predict(X['val'])))
+    return fit_arm_head(Xa, ya, np.zeros(len(ya), bool) if isy is None else isy > 0, (X['val'], Y['val']), s, syn_weights=(1., .5, .25, .1))
 
 def filtered(rX, ry, sX, sy, k, s):
     "k synthetic indices, class-balanced, most confidently their prompted class for a classifier of the real images."

@@ -31,9 +31,9 @@ __all__ = ['CONCEPTS', 'CAPTION_DATASETS', 'LORA_RANK', 'LORA_STEPS', 'CAPTION_K
            'load_concept_classifier', 'concept_classifier_table', 'CaptionConfig', 'caption_rows', 'caption_dataset',
            'lesiongen_train_config', 'caption_records', 'lesiongen_dataset', 'lora_rows', 'load_lesiongen',
            'lesiongen_prompt', 'prompt_vocabulary', 'check_prompt', 'fit_linear_head', 'subgroup_table', 'subgroups',
-           'classifier_arms', 'concept_faithfulness', 'real_concept_rates', 'class_prompts', 'fid_per_class',
-           'concept_dermclip_config', 'load_concept_dermclip', 'zero_shot_concepts', 'generate_lesiongen',
-           'plot_caption_table']
+           'fit_arm_head', 'classifier_arms', 'concept_faithfulness', 'faithfulness_summary', 'real_concept_rates',
+           'class_prompts', 'fid_per_class', 'concept_dermclip_config', 'load_concept_dermclip', 'zero_shot_concepts',
+           'generate_lesiongen', 'plot_caption_table']
 
 # %% ../nbs/07_lesiongen.ipynb #ff698226
 CONCEPTS = {   # concept -> (phrase, Derm7pt rule, PH2 rule); a rule maps the dataset's value to 1/0
@@ -448,6 +448,20 @@ def subgroups(records:Sequence[Record], # test records (ISIC 2019)
     return pd.DataFrame(rows)
 
 # %% ../nbs/07_lesiongen.ipynb #14b74c2d
+def fit_arm_head(X:np.ndarray, # an arm's training features
+                 y:np.ndarray, # its class indices
+                 is_syn:np.ndarray, # which of its images are synthetic (bool)
+                 val:tuple, # (features, classes) of the real validation split
+                 seed:int=0, # solver seed
+                 Cs:Sequence[float]=(0.003, 0.01, 0.03, 0.05), # inverse L2 strengths tried
+                 syn_weights:Sequence[float]=(1.,) # synthetic-image weights tried (mixed arms only)
+                )->tuple:
+    "(classifier, C, synthetic weight) of an arm: the pair with the best validation balanced accuracy."
+    ws = syn_weights if 0 < is_syn.sum() < len(is_syn) else (1.,)
+    fits = [(fit_linear_head(X, y, seed, C, np.where(is_syn, w, 1.)), C, w) for C in Cs for w in ws]
+    return max(fits, key=lambda f: _balacc(val[1], f[0].predict(val[0])))
+
+# %% ../nbs/07_lesiongen.ipynb #69085cff
 def classifier_arms(real_X:np.ndarray, # features of the real training pool
                     real_y:np.ndarray, # its class indices
                     syn_X:dict, # seed -> features of that seed's synthetic pool (class-balanced, at least n)
@@ -465,9 +479,7 @@ def classifier_arms(real_X:np.ndarray, # features of the real training pool
     def head(X, y, s, is_syn):
         "The arm's classifier: fixed C, or the (C, synthetic weight) with the best validation balanced accuracy."
         if val is None: return fit_linear_head(X, y, s), 0.05, 1.
-        ws = syn_weights if 0 < is_syn.sum() < len(is_syn) else (1.,)
-        fits = [(fit_linear_head(X, y, s, C, np.where(is_syn, w, 1.)), C, w) for C in Cs for w in ws]
-        return max(fits, key=lambda f: _balacc(val[1], f[0].predict(val[0])))
+        return fit_arm_head(X, y, is_syn, val, s, Cs, syn_weights)
     rows = []
     for s in seeds:
         rng = np.random.default_rng(s)
@@ -509,6 +521,15 @@ def concept_faithfulness(bb, # a LesionGen backbone
                      'lift_se': float(d.std(ddof=1) / np.sqrt(m)) if m > 1 else float('nan'), 'gained': float((a & ~b).mean()),
                      'lost': float((b & ~a).mean()), 'prob_shift': float((p_with - p_without).mean()), 'm': m})
     return pd.DataFrame(rows)
+
+# %% ../nbs/07_lesiongen.ipynb #fb9c5d80
+def faithfulness_summary(faith:pd.DataFrame # `concept_faithfulness` rows with a 'captions' column
+                        )->pd.DataFrame:
+    "Per caption kind: mean prompted / unprompted rate, lift, probability shift, and the SE of the mean lift."
+    g = faith.groupby('captions')
+    out = g[['prompted_rate', 'unprompted_rate', 'lift', 'prob_shift']].mean()
+    out['lift_se'] = g.lift_se.apply(lambda s: float(np.sqrt((s ** 2).sum())) / len(s))
+    return out
 
 # %% ../nbs/07_lesiongen.ipynb #63a574ec
 def real_concept_rates(clf:ConceptClassifier, # the judge

@@ -720,6 +720,22 @@ def subgroups(records:Sequence[Record], # test records (ISIC 2019)
 
 # %%
 #| export
+def fit_arm_head(X:np.ndarray, # an arm's training features
+                 y:np.ndarray, # its class indices
+                 is_syn:np.ndarray, # which of its images are synthetic (bool)
+                 val:tuple, # (features, classes) of the real validation split
+                 seed:int=0, # solver seed
+                 Cs:Sequence[float]=(0.003, 0.01, 0.03, 0.05), # inverse L2 strengths tried
+                 syn_weights:Sequence[float]=(1.,) # synthetic-image weights tried (mixed arms only)
+                )->tuple:
+    "(classifier, C, synthetic weight) of an arm: the pair with the best validation balanced accuracy."
+    ws = syn_weights if 0 < is_syn.sum() < len(is_syn) else (1.,)
+    fits = [(fit_linear_head(X, y, seed, C, np.where(is_syn, w, 1.)), C, w) for C in Cs for w in ws]
+    return max(fits, key=lambda f: _balacc(val[1], f[0].predict(val[0])))
+
+
+# %%
+#| export
 def classifier_arms(real_X:np.ndarray, # features of the real training pool
                     real_y:np.ndarray, # its class indices
                     syn_X:dict, # seed -> features of that seed's synthetic pool (class-balanced, at least n)
@@ -737,9 +753,7 @@ def classifier_arms(real_X:np.ndarray, # features of the real training pool
     def head(X, y, s, is_syn):
         "The arm's classifier: fixed C, or the (C, synthetic weight) with the best validation balanced accuracy."
         if val is None: return fit_linear_head(X, y, s), 0.05, 1.
-        ws = syn_weights if 0 < is_syn.sum() < len(is_syn) else (1.,)
-        fits = [(fit_linear_head(X, y, s, C, np.where(is_syn, w, 1.)), C, w) for C in Cs for w in ws]
-        return max(fits, key=lambda f: _balacc(val[1], f[0].predict(val[0])))
+        return fit_arm_head(X, y, is_syn, val, s, Cs, syn_weights)
     rows = []
     for s in seeds:
         rng = np.random.default_rng(s)
@@ -874,6 +888,26 @@ bb_u = Backbone(make_unet('none', sample_size=8, block_out_channels=(8, 8), head
 cf_ = concept_faithfulness(bb_u, _IgnoresText(), m=4, steps=2)
 test_eq(cf_.lift.tolist(), [0.] * len(CONCEPTS)); test_eq(cf_.prob_shift.tolist(), [0.] * len(CONCEPTS))
 test_eq(cf_.prompted_rate.tolist(), cf_.unprompted_rate.tolist()); test_eq(set(cf_.m), {4})
+
+
+# %% [markdown]
+# `faithfulness_summary` averages a model's concepts: mean rates, lift and probability shift, and the standard error
+# of the mean lift (the concepts' paired errors are independent).
+
+# %%
+#| export
+def faithfulness_summary(faith:pd.DataFrame # `concept_faithfulness` rows with a 'captions' column
+                        )->pd.DataFrame:
+    "Per caption kind: mean prompted / unprompted rate, lift, probability shift, and the SE of the mean lift."
+    g = faith.groupby('captions')
+    out = g[['prompted_rate', 'unprompted_rate', 'lift', 'prob_shift']].mean()
+    out['lift_se'] = g.lift_se.apply(lambda s: float(np.sqrt((s ** 2).sum())) / len(s))
+    return out
+
+
+# %%
+fs_ = faithfulness_summary(pd.concat([cf_.assign(captions='x', lift=.1, lift_se=.2)]))
+test_close(fs_.loc['x', 'lift'], .1); test_close(fs_.loc['x', 'lift_se'], .2 / np.sqrt(len(CONCEPTS)))
 
 
 # %%

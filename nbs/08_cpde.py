@@ -990,7 +990,7 @@ def edit_schedule(bb:Backbone, # the backbone
     return {**choose_t(curves, cos), 'cos': cos, 'curves': curves}
 
 
-# %%
+# %% [markdown]
 # **What Asyrp's quality boosting costs here.** Below t_addnoise Asyrp samples with η = 1, which on its 256-px pixel
 # DDPM adds detail. On our 64-px latent model the fresh noise in the last steps redraws what the inversion would have
 # kept. On the training split (`benchmarks/cpde_quality_boost.py`: the same editors and images, sampling only),

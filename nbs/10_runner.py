@@ -13,7 +13,6 @@ import os, sys, json, time, subprocess, shutil, tempfile, datetime
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Sequence
-import numpy as np
 import pandas as pd
 from dermnb.core import (DermnbError, atomic_write, atomic_save, save_figure, save_json, get_profile, project_root,
                          seed_everything, data_root as resolve_data_root)
@@ -260,7 +259,8 @@ def _lesiongen_faith(d):
     fid = _csv(d, 'fid_per_class').groupby('captions').fid.mean()
     lift = ''
     if 'lift' in f:                                         # tables written before the paired design have no lift
-        se = f.groupby('captions').lift_se.apply(lambda s: float(np.sqrt((s ** 2).sum())) / len(s)); l = f.groupby('captions').lift.mean()
+        from dermnb.lesiongen import faithfulness_summary
+        fs = faithfulness_summary(f); l, se = fs.lift, fs.lift_se
         lift = f"; lift over the same noise unprompted: rich {l['rich']:+.3f} ± {se['rich']:.3f} vs label-only {l['label']:+.3f} ± {se['label']:.3f}"
     return (f"concept detection when prompted: rich {g.loc['rich', 'prompted_rate']:.2f} vs label-only {g.loc['label', 'prompted_rate']:.2f} "
             f"(unprompted {g.loc['rich', 'unprompted_rate']:.2f} / {g.loc['label', 'unprompted_rate']:.2f}){lift}; mean FID per class rich "

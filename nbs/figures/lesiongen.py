@@ -27,7 +27,7 @@ from dermnb.segmenter import load_segmenter, predict_proba, SegmenterConfig
 from dermnb.lesiongen import (CONCEPTS, CLASSES, CLASS_GROUPS, CaptionConfig, load_concept_classifier, concept_classifier_table,
                               caption_dataset, caption_records, plot_caption_table, load_concept_dermclip, zero_shot_concepts,
                               load_lesiongen, lesiongen_train_config, lesiongen_prompt, record_features, lite0_features,
-                              class_prompts, classifier_arms, subgroups, concept_faithfulness, real_concept_rates, fid_per_class)
+                              class_prompts, classifier_arms, subgroups, concept_faithfulness, faithfulness_summary, real_concept_rates, fid_per_class)
 from dermnb.runner import figure_setup
 out = figure_setup(profile, data_root, seed, device, out_dir)
 root = out.root
@@ -182,8 +182,7 @@ for i, k in enumerate(('rich', 'label')):
 axs[1].axhline(0, color='k', lw=.8); axs[1].set_title('Lift: prompted − unprompted detection, paired noise (± SE)')
 for ax in axs: ax.tick_params(axis='x', rotation=25); ax.set_xlabel('')
 out.png(fig, 'concept_faithfulness'); lap('faithfulness')
-fsum = faith.groupby('captions')[['prompted_rate', 'unprompted_rate', 'lift', 'prob_shift']].mean()
-fsum['lift_se'] = faith.groupby('captions').lift_se.apply(lambda s: float(np.sqrt((s ** 2).sum())) / len(s))   # SE of the mean over concepts
+fsum = faithfulness_summary(faith)
 out.csv(fsum.reset_index(), 'concept_faithfulness_summary'); fsum.round(3)
 
 # %% [markdown]
