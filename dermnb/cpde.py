@@ -29,7 +29,7 @@ __all__ = ['ATTRIBUTES', 'DIRECTIONS', 'PLAIN', 'ALL_EDITS', 'X0_FRACTION', 'XT_
            'PAPER', 'METHOD_NAMES', 'EDIT_DATASETS', 'QUALITY_BOOST', 'MASK_WARN', 'Edit', 'segment_masks', 'EditSet',
            'edit_set', 'asym_ddim', 'Inversion', 'invert', 'cached_inversion', 'lpips_curves', 'choose_t', 'unet_temb',
            'DeltaBlock', 'DeltaBlocks', 'FiLMResBlock', 'SCT', 'edit_conditions', 'EditorConfig', 'source_pairs',
-           'make_editor', 'train_editor', 'apply_editor', 'composite_edit', 'train_diffusionclip',
+           'h_channels', 'make_editor', 'train_editor', 'apply_editor', 'composite_edit', 'train_diffusionclip',
            'apply_diffusionclip', 'diagnosis_head', 'edit_metrics', 'comparison', 'paired_difference',
            'counterfactual_augmentation', 'cpde_images', 'edit_schedule', 'load_editor', 'load_diffusionclip',
            'folder_edit_set', 'edit_folder', 'eval_edit_folders']
@@ -138,7 +138,8 @@ def asym_ddim(bb:Backbone, # the backbone (its UNet is not changed)
               unet:nn.Module|None=None, # a different denoiser (DiffusionCLIP's fine-tuned one); default bb.unet
               start:int=0, # first step index (x_T is the sample at timesteps[start])
               record:bool=False, # also return the x̂0 of every step
-              grad:bool=False # keep the graph through the whole pass (DiffusionCLIP training)
+              grad:bool=False, # keep the graph through the whole pass (DiffusionCLIP training)
+              h_block:str='mid_block' # the UNet block whose output Δh is added to
              ):
     "DDIM from x_T with Asyrp's asymmetric step where Δh is on; returns x_0 (and the per-step x̂0 if `record`)."
     unet = unet or bb.unet; sch = DDIMScheduler.from_config(bb.scheduler.config); sch.set_timesteps(steps)
@@ -149,7 +150,7 @@ def asym_ddim(bb:Backbone, # the backbone (its UNet is not changed)
             abp = sch.alphas_cumprod[tp] if tp >= 0 else sch.final_alpha_cumprod
             if delta is not None and t >= t_edit:
                 d2 = lambda h, tt: torch.cat([torch.zeros_like(h[:B]), delta(h[B:], tt[B:])])
-                with hspace_hook(unet, delta=d2, record=False):
+                with hspace_hook(unet, delta=d2, record=False, block=h_block):
                     out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([null, null])).sample
                 x0, _ = _x0_eps(out[B:], x, t, sch); _, eps = _x0_eps(out[:B], x, t, sch)
                 eta = 1. if t < t_addnoise else 0.
@@ -324,6 +325,7 @@ class EditorConfig(Config):
     steps:int=20               # DDIM steps (the inversion's)
     t_edit:int=501             # Δh from this timestep up (chosen by `choose_t`)
     t_addnoise:int=201         # η = 1 below this timestep at sampling (`load_editor`: the rule's, or 0 without `quality_boost`)
+    h_block:str='mid_block'    # where Δh is added: Asyrp's bottleneck (4×4 here) or 'up_blocks.0' (8×8, see below)
     pairs_per_edit:int=8       # training (image, edit) pairs per edit
     batch_size:int=8           # pairs per rollout
     epochs:int=1               # passes over the pairs
@@ -369,6 +371,16 @@ def _edit_loss(clip, img_e, img_rec, dirs, cos, mask, cfg):
     else: l1 = (img_e - img_rec).abs().mean()
     return cfg.w_clip * -torch.log((2 - ldir) / 2) + cfg.w_l1 * cos.mean() * l1, ldir.detach(), l1.detach()
 
+# %% ../nbs/08_cpde.ipynb #609c6575
+def h_channels(unet:nn.Module, # a diffusers UNet
+               block:str='mid_block' # 'mid_block' or 'up_blocks.i'
+              )->int:
+    "Channels of the output of a UNet block (the width of h there)."
+    bo = list(unet.config.block_out_channels)
+    if block == 'mid_block': return bo[-1]
+    if block.startswith('up_blocks.'): return bo[::-1][int(block.split('.')[1])]
+    raise DermnbError(f"h_channels: block must be 'mid_block' or 'up_blocks.i', not {block!r}")
+
 # %% ../nbs/08_cpde.ipynb #36301b9c
 def make_editor(cfg:EditorConfig, # the editor's config
                 temb_dim:int=256, # the UNet's time-embedding width
@@ -396,7 +408,7 @@ def train_editor(bb:Backbone, # the (frozen) backbone
     "Train a Δh module by rolling out batches of (image, edit) pairs; returns (editor, per-step history)."
     edits = [Edit(*e) for e in cfg.edits]; conds = edit_conditions(clip, edits)
     unet = bb.unet.eval().requires_grad_(False); clip.eval().requires_grad_(False)
-    editor = make_editor(cfg, unet.time_embedding.linear_2.out_features, unet.config.block_out_channels[-1],
+    editor = make_editor(cfg, unet.time_embedding.linear_2.out_features, h_channels(unet, cfg.h_block),
                          conds['semantics'].shape[1]).to(bb.device)
     opt = torch.optim.Adam(editor.parameters(), cfg.lr)
     sch = DDIMScheduler.from_config(bb.scheduler.config); sch.set_timesteps(cfg.steps)
@@ -415,7 +427,7 @@ def train_editor(bb:Backbone, # the (frozen) backbone
                 tp = t - sch.config.num_train_timesteps // cfg.steps
                 abp = sch.alphas_cumprod[tp] if tp >= 0 else sch.final_alpha_cumprod
                 with torch.no_grad(): v_o = unet(x, t, encoder_hidden_states=null).sample
-                with hspace_hook(unet, delta=delta, record=False): v_e = unet(x, t, encoder_hidden_states=null).sample
+                with hspace_hook(unet, delta=delta, record=False, block=cfg.h_block): v_e = unet(x, t, encoder_hidden_states=null).sample
                 x0_e, _ = _x0_eps(v_e, x, t, sch); _, eps_o = _x0_eps(v_o, x, t, sch)
                 with torch.no_grad(): img_rec = bb.decode(inv.rec_x0[s][idx].to(bb.device))
                 loss, ldir, l1 = _edit_loss(clip, _decode_nc(bb, x0_e).clamp(-1.5, 1.5), img_rec, dirs, cos, M, cfg)
@@ -448,7 +460,8 @@ def apply_editor(bb:Backbone, # the backbone
     for i in range(0, len(es), batch_size):
         sl = slice(i, i + batch_size); ei = edit_idx[sl]; m8 = lm[sl].to(bb.device); traj = inv.traj[:, sl]
         blend = (lambda k, x: m8 * x + (1 - m8) * traj[k + 1].to(x)) if cfg.masked else None
-        x0 = asym_ddim(bb, traj[0], cfg.steps, _delta_fn(editor, bb.unet, cfg, conds, ei, strength), cfg.t_edit, cfg.t_addnoise, blend, g)
+        x0 = asym_ddim(bb, traj[0], cfg.steps, _delta_fn(editor, bb.unet, cfg, conds, ei, strength), cfg.t_edit, cfg.t_addnoise, blend, g,
+                       h_block=cfg.h_block)
         y = bb.decode(x0).cpu()
         if cfg.masked and composite: y = composite_edit(es.images[sl], y, es.masks[sl])
         out.append(y)
@@ -657,7 +670,7 @@ def load_editor(method:str='cpde', # one of METHODS
         t0 = time.time(); ed, hist = train_editor(bb, sub, inv, clip, cfg, progress, pairs)
         torch.save(ed.state_dict(), d/'editor.pt'); hist.assign(seconds=time.time() - t0).to_csv(d/'history.csv', index=False)
     path = cached_dir('cpde-editor', cfg, build)
-    ed = make_editor(cfg, bb.unet.time_embedding.linear_2.out_features, bb.unet.config.block_out_channels[-1], conds['semantics'].shape[1])
+    ed = make_editor(cfg, bb.unet.time_embedding.linear_2.out_features, h_channels(bb.unet, cfg.h_block), conds['semantics'].shape[1])
     ed.load_state_dict(torch.load(path/'editor.pt')); ed.cache_dir = path
     return ed.to(bb.device).eval(), cfg, conds, bb, clip
 

@@ -439,14 +439,15 @@ def ddim_translate(unet:nn.Module, # a diffusers UNet
 
 # %% ../nbs/03_diffusion.ipynb #a99df71a
 class HSpaceHook:
-    "Forward hooks on `unet.mid_block`: record h at each call and add Δh for t >= t_edit. Use via `hspace_hook`."
-    def __init__(self, unet:nn.Module, delta=None, t_edit:int=0, record:bool=True, keep_grad:bool=False):
-        self.unet, self.delta, self.t_edit, self.record, self.keep_grad = unet, delta, t_edit, record, keep_grad
+    "Forward hooks on a UNet block (the mid-block by default): record h at each call and add Δh for t >= t_edit. Use via `hspace_hook`."
+    def __init__(self, unet:nn.Module, delta=None, t_edit:int=0, record:bool=True, keep_grad:bool=False, block:str='mid_block'):
+        self.unet, self.delta, self.t_edit, self.record, self.keep_grad, self.block = unet, delta, t_edit, record, keep_grad, block
         self.hs, self.ts, self._t, self._handles = [], [], None, []
 
     def __enter__(self):
-        self._handles = [self.unet.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         self.unet.mid_block.register_forward_hook(self._post)]
+        try: mod = self.unet.get_submodule(self.block)
+        except AttributeError: raise DermnbError(f"hspace_hook: the UNet has no block {self.block!r} (use 'mid_block' or e.g. 'up_blocks.0')") from None
+        self._handles = [self.unet.register_forward_pre_hook(self._pre, with_kwargs=True), mod.register_forward_hook(self._post)]
         return self
     def __exit__(self, *exc):
         for h in self._handles: h.remove()
@@ -467,10 +468,11 @@ def hspace_hook(unet:nn.Module, # a diffusers UNet with a `mid_block`
                 delta:torch.Tensor|Callable|None=None, # Δh (tensor, or f(h, t) -> Δh); None only records
                 t_edit:int=0, # add Δh at timesteps t >= t_edit (Asyrrp's edit interval [T, t_edit])
                 record:bool=True, # keep every h (in `.hs`, timesteps in `.ts`)
-                keep_grad:bool=False # record h with its autograd graph instead of detached
+                keep_grad:bool=False, # record h with its autograd graph instead of detached
+                block:str='mid_block' # the block whose output is h: Asyrp's bottleneck, or a deeper-resolution one ('up_blocks.0')
                )->HSpaceHook:
     "Context manager reading the UNet bottleneck h at every step and adding Δh to it for t >= t_edit."
-    return HSpaceHook(unet, delta, t_edit, record, keep_grad)
+    return HSpaceHook(unet, delta, t_edit, record, keep_grad, block)
 
 # %% ../nbs/03_diffusion.ipynb #c7d09691
 class TextEncoder(nn.Module):

@@ -209,7 +209,8 @@ def asym_ddim(bb:Backbone, # the backbone (its UNet is not changed)
               unet:nn.Module|None=None, # a different denoiser (DiffusionCLIP's fine-tuned one); default bb.unet
               start:int=0, # first step index (x_T is the sample at timesteps[start])
               record:bool=False, # also return the x̂0 of every step
-              grad:bool=False # keep the graph through the whole pass (DiffusionCLIP training)
+              grad:bool=False, # keep the graph through the whole pass (DiffusionCLIP training)
+              h_block:str='mid_block' # the UNet block whose output Δh is added to
              ):
     "DDIM from x_T with Asyrp's asymmetric step where Δh is on; returns x_0 (and the per-step x̂0 if `record`)."
     unet = unet or bb.unet; sch = DDIMScheduler.from_config(bb.scheduler.config); sch.set_timesteps(steps)
@@ -220,7 +221,7 @@ def asym_ddim(bb:Backbone, # the backbone (its UNet is not changed)
             abp = sch.alphas_cumprod[tp] if tp >= 0 else sch.final_alpha_cumprod
             if delta is not None and t >= t_edit:
                 d2 = lambda h, tt: torch.cat([torch.zeros_like(h[:B]), delta(h[B:], tt[B:])])
-                with hspace_hook(unet, delta=d2, record=False):
+                with hspace_hook(unet, delta=d2, record=False, block=h_block):
                     out = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([null, null])).sample
                 x0, _ = _x0_eps(out[B:], x, t, sch); _, eps = _x0_eps(out[:B], x, t, sch)
                 eta = 1. if t < t_addnoise else 0.
@@ -529,6 +530,7 @@ class EditorConfig(Config):
     steps:int=20               # DDIM steps (the inversion's)
     t_edit:int=501             # Δh from this timestep up (chosen by `choose_t`)
     t_addnoise:int=201         # η = 1 below this timestep at sampling (`load_editor`: the rule's, or 0 without `quality_boost`)
+    h_block:str='mid_block'    # where Δh is added: Asyrp's bottleneck (4×4 here) or 'up_blocks.0' (8×8, see below)
     pairs_per_edit:int=8       # training (image, edit) pairs per edit
     batch_size:int=8           # pairs per rollout
     epochs:int=1               # passes over the pairs
@@ -581,6 +583,30 @@ def _edit_loss(clip, img_e, img_rec, dirs, cos, mask, cfg):
 
 # %%
 #| export
+def h_channels(unet:nn.Module, # a diffusers UNet
+               block:str='mid_block' # 'mid_block' or 'up_blocks.i'
+              )->int:
+    "Channels of the output of a UNet block (the width of h there)."
+    bo = list(unet.config.block_out_channels)
+    if block == 'mid_block': return bo[-1]
+    if block.startswith('up_blocks.'): return bo[::-1][int(block.split('.')[1])]
+    raise DermnbError(f"h_channels: block must be 'mid_block' or 'up_blocks.i', not {block!r}")
+
+
+# %%
+u2 = make_unet('text', sample_size=8, in_channels=4, cross_attention_dim=12, block_out_channels=(32, 64), head_dim=8)
+test_eq([h_channels(u2, b) for b in ('mid_block', 'up_blocks.0', 'up_blocks.1')], [64, 64, 32])
+with hspace_hook(u2, block='up_blocks.0') as hk2: u2(torch.randn(1, 4, 8, 8), 500, encoder_hidden_states=torch.zeros(1, 3, 12))
+test_eq(hk2.hs[0].shape, (1, h_channels(u2, 'up_blocks.0'), 8, 8))                       # the h an 'up_blocks.0' editor sees
+test_fail(lambda: h_channels(u2, 'down_blocks.0'), contains='up_blocks.i')
+with torch.no_grad():                                                                     # the sampler passes the block on
+    d_mid = asym_ddim(tb, xT, 10, delta=lambda h, t: torch.ones_like(h), t_edit=500)
+    d_up = asym_ddim(tb, xT, 10, delta=lambda h, t: torch.ones_like(h), t_edit=500, h_block='up_blocks.0')
+assert (d_up - d_mid).abs().max() > 1e-3
+
+
+# %%
+#| export
 def make_editor(cfg:EditorConfig, # the editor's config
                 temb_dim:int=256, # the UNet's time-embedding width
                 channels:int=128, # h's channels
@@ -609,7 +635,7 @@ def train_editor(bb:Backbone, # the (frozen) backbone
     "Train a Δh module by rolling out batches of (image, edit) pairs; returns (editor, per-step history)."
     edits = [Edit(*e) for e in cfg.edits]; conds = edit_conditions(clip, edits)
     unet = bb.unet.eval().requires_grad_(False); clip.eval().requires_grad_(False)
-    editor = make_editor(cfg, unet.time_embedding.linear_2.out_features, unet.config.block_out_channels[-1],
+    editor = make_editor(cfg, unet.time_embedding.linear_2.out_features, h_channels(unet, cfg.h_block),
                          conds['semantics'].shape[1]).to(bb.device)
     opt = torch.optim.Adam(editor.parameters(), cfg.lr)
     sch = DDIMScheduler.from_config(bb.scheduler.config); sch.set_timesteps(cfg.steps)
@@ -628,7 +654,7 @@ def train_editor(bb:Backbone, # the (frozen) backbone
                 tp = t - sch.config.num_train_timesteps // cfg.steps
                 abp = sch.alphas_cumprod[tp] if tp >= 0 else sch.final_alpha_cumprod
                 with torch.no_grad(): v_o = unet(x, t, encoder_hidden_states=null).sample
-                with hspace_hook(unet, delta=delta, record=False): v_e = unet(x, t, encoder_hidden_states=null).sample
+                with hspace_hook(unet, delta=delta, record=False, block=cfg.h_block): v_e = unet(x, t, encoder_hidden_states=null).sample
                 x0_e, _ = _x0_eps(v_e, x, t, sch); _, eps_o = _x0_eps(v_o, x, t, sch)
                 with torch.no_grad(): img_rec = bb.decode(inv.rec_x0[s][idx].to(bb.device))
                 loss, ldir, l1 = _edit_loss(clip, _decode_nc(bb, x0_e).clamp(-1.5, 1.5), img_rec, dirs, cos, M, cfg)
@@ -674,7 +700,8 @@ def apply_editor(bb:Backbone, # the backbone
     for i in range(0, len(es), batch_size):
         sl = slice(i, i + batch_size); ei = edit_idx[sl]; m8 = lm[sl].to(bb.device); traj = inv.traj[:, sl]
         blend = (lambda k, x: m8 * x + (1 - m8) * traj[k + 1].to(x)) if cfg.masked else None
-        x0 = asym_ddim(bb, traj[0], cfg.steps, _delta_fn(editor, bb.unet, cfg, conds, ei, strength), cfg.t_edit, cfg.t_addnoise, blend, g)
+        x0 = asym_ddim(bb, traj[0], cfg.steps, _delta_fn(editor, bb.unet, cfg, conds, ei, strength), cfg.t_edit, cfg.t_addnoise, blend, g,
+                       h_block=cfg.h_block)
         y = bb.decode(x0).cpu()
         if cfg.masked and composite: y = composite_edit(es.images[sl], y, es.masks[sl])
         out.append(y)
@@ -1019,6 +1046,27 @@ for m_ in qb.method.unique():
 assert q_.loc[('cpde', 1., False)].s_dir > q_.loc[('cpde', 1., True)].s_dir and q_.loc[('asyrp', 1., False)].s_dir < q_.loc[('asyrp', 1., True)].s_dir
 qb.round(3)
 
+# %% [markdown]
+# **Where Δh goes (`h_block`).** Asyrp's h is the bottleneck, 8×8 at 256 px; our bottleneck is 4×4, and the skip
+# connections around it carry most of what the decoder draws, which is one reason the editors here change little. The
+# hook can instead add Δh to the output of the first up block (`h_block='up_blocks.0'`: 128×8×8, after the 4×4 skip
+# connection has joined), the size of Asyrp's h. `benchmarks/cpde_h_block.py` trains each editor both ways (same
+# config otherwise) and edits the same 160 *validation* pairs. For Asyrp the 8×8 Δh moves the image much more
+# (NS-LPIPS and segmentation consistency worsen, the diagnosis flips more) but not towards the text: S_dir falls, and
+# the concept classifier stops finding the attribute at all after an 'add'. For CPDE, S_dir rises by less than its
+# standard error and segmentation consistency stays within a point. So the editors keep Asyrp's definition, the
+# mid-block; the cell checks these statements against the benchmark's CSV.
+
+# %%
+hbk = results_csv('benchmarks/results/cpde_h_block.csv').set_index(['method', 'h_block', 'quality_boost', 'strength'])
+a_mid, a_up = hbk.loc[('asyrp', 'mid_block', True, 1.)], hbk.loc[('asyrp', 'up_blocks.0', True, 1.)]
+assert a_up.ns_lpips > a_mid.ns_lpips and a_up.seg_dice < a_mid.seg_dice and a_up.dx_kept < a_mid.dx_kept
+assert a_up.s_dir < a_mid.s_dir and a_up.add_detected_after < a_mid.add_detected_after
+c_mid, c_up = hbk.loc[('cpde', 'mid_block', True, 1.)], hbk.loc[('cpde', 'up_blocks.0', True, 1.)]
+assert 0 < c_up.s_dir - c_mid.s_dir < c_mid.s_dir_se and abs(c_up.seg_dice - c_mid.seg_dice) < .01
+hbk.reset_index()[['method', 'h_block', 'quality_boost', 'strength', 'n', 's_dir', 's_dir_se', 'ns_lpips', 'seg_dice', 'dx_kept',
+                   'add_detected_before', 'add_detected_after', 'remove_detected_after']].round(3)
+
 # %%
 #| export
 def load_editor(method:str='cpde', # one of METHODS
@@ -1046,7 +1094,7 @@ def load_editor(method:str='cpde', # one of METHODS
         t0 = time.time(); ed, hist = train_editor(bb, sub, inv, clip, cfg, progress, pairs)
         torch.save(ed.state_dict(), d/'editor.pt'); hist.assign(seconds=time.time() - t0).to_csv(d/'history.csv', index=False)
     path = cached_dir('cpde-editor', cfg, build)
-    ed = make_editor(cfg, bb.unet.time_embedding.linear_2.out_features, bb.unet.config.block_out_channels[-1], conds['semantics'].shape[1])
+    ed = make_editor(cfg, bb.unet.time_embedding.linear_2.out_features, h_channels(bb.unet, cfg.h_block), conds['semantics'].shape[1])
     ed.load_state_dict(torch.load(path/'editor.pt')); ed.cache_dir = path
     return ed.to(bb.device).eval(), cfg, conds, bb, clip
 
