@@ -1067,6 +1067,7 @@ assert 0 < c_up.s_dir - c_mid.s_dir < c_mid.s_dir_se and abs(c_up.seg_dice - c_m
 hbk.reset_index()[['method', 'h_block', 'quality_boost', 'strength', 'n', 's_dir', 's_dir_se', 'ns_lpips', 'seg_dice', 'dx_kept',
                    'add_detected_before', 'add_detected_after', 'remove_detected_after']].round(3)
 
+
 # %%
 #| export
 def load_editor(method:str='cpde', # one of METHODS
