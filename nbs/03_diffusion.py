@@ -838,7 +838,7 @@ def hspace_hook(unet:nn.Module, # a diffusers UNet with a `mid_block`
                 keep_grad:bool=False, # record h with its autograd graph instead of detached
                 block:str='mid_block' # the block whose output is h: Asyrp's bottleneck, or a deeper-resolution one ('up_blocks.0')
                )->HSpaceHook:
-    "Context manager reading the UNet bottleneck h at every step and adding Δh to it for t >= t_edit."
+    "Context manager reading h (the bottleneck, or `block`'s output) at every step and adding Δh to it for t >= t_edit."
     return HSpaceHook(unet, delta, t_edit, record, keep_grad, block)
 
 
