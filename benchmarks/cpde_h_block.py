@@ -8,6 +8,9 @@ Prints S_dir (with its SE), NS-LPIPS, segmentation consistency, diagnosis kept, 
 'remove' per setting.
 
     DERMNB_DATA=../shared/dermdata python benchmarks/cpde_h_block.py [--methods asyrp cpde]
+
+Measured with the editors' 20-step DDIM schedule of the time (`steps=20` pins it; the editors now default to 40,
+see benchmarks/cpde_steps.py).
 """
 import argparse, dataclasses, time
 import torch
@@ -29,7 +32,7 @@ if __name__ == '__main__':
     rows = []
     for method in a.methods:
         for block in ('mid_block', 'up_blocks.0'):
-            ed, cfg, conds, bb, clip = load_editor(method, 'quick', root, dev, 'unet', progress=False, h_block=block)
+            ed, cfg, conds, bb, clip = load_editor(method, 'quick', root, dev, 'unet', progress=False, h_block=block, steps=20)
             inv = cached_inversion(bb, sub, cfg.steps)
             for boost in (True, False):
                 c = dataclasses.replace(cfg, t_addnoise=cfg.t_addnoise if boost else 0)

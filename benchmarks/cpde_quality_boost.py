@@ -6,6 +6,9 @@ t_addnoise = 0 (η = 0 throughout), with the edit and without it (Δh = 0). Prin
 consistency (U-Net Dice vs the lesion mask), diagnosis kept and 'add' detection per setting.
 
     DERMNB_DATA=../shared/dermdata python benchmarks/cpde_quality_boost.py [--methods cpde asyrp]
+
+Measured with the editors' 20-step DDIM schedule of the time (`steps=20` pins it; the editors now default to 40,
+see benchmarks/cpde_steps.py).
 """
 import argparse, dataclasses, time
 import pandas as pd, torch
@@ -26,7 +29,7 @@ if __name__ == '__main__':
     useg = load_segmenter(SegmenterConfig.for_profile('quick'), root, dev); edits_of = [ALL_EDITS[j] for j in eidx.tolist()]
     rows = []
     for method in a.methods:
-        ed, cfg, conds, bb, clip = load_editor(method, 'quick', root, dev, 'unet', progress=False)
+        ed, cfg, conds, bb, clip = load_editor(method, 'quick', root, dev, 'unet', progress=False, steps=20)
         t_rule = edit_schedule(bb, train, clip)['t_addnoise']; inv = cached_inversion(bb, sub, cfg.steps)
         for boost in (True, False):
             c = dataclasses.replace(cfg, t_addnoise=t_rule if boost else 0)

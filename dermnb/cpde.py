@@ -25,14 +25,14 @@ from .clip import ClipEncoder, text_direction, clip_direction_similarity, direct
 from .lesiongen import CONCEPTS
 
 # %% auto #0
-__all__ = ['ATTRIBUTES', 'DIRECTIONS', 'PLAIN', 'ALL_EDITS', 'X0_FRACTION', 'XT_FRACTION', 'METHODS', 'DCLIP_RANK', 'DCLIP_T0',
-           'PAPER', 'METHOD_NAMES', 'EDIT_DATASETS', 'QUALITY_BOOST', 'MASK_WARN', 'Edit', 'segment_masks', 'EditSet',
-           'edit_set', 'asym_ddim', 'Inversion', 'invert', 'cached_inversion', 'lpips_curves', 'choose_t', 'unet_temb',
-           'DeltaBlock', 'DeltaBlocks', 'FiLMResBlock', 'SCT', 'edit_conditions', 'EditorConfig', 'source_pairs',
-           'h_channels', 'make_editor', 'train_editor', 'apply_editor', 'composite_edit', 'train_diffusionclip',
-           'apply_diffusionclip', 'diagnosis_head', 'edit_metrics', 'comparison', 'paired_difference',
-           'counterfactual_augmentation', 'cpde_images', 'edit_schedule', 'load_editor', 'load_diffusionclip',
-           'folder_edit_set', 'edit_folder', 'eval_edit_folders']
+__all__ = ['ATTRIBUTES', 'DIRECTIONS', 'PLAIN', 'ALL_EDITS', 'X0_FRACTION', 'XT_FRACTION', 'METHODS', 'EDIT_STEPS', 'DCLIP_RANK',
+           'DCLIP_T0', 'DCLIP_STEPS', 'PAPER', 'METHOD_NAMES', 'EDIT_DATASETS', 'QUALITY_BOOST', 'MASK_WARN', 'Edit',
+           'segment_masks', 'EditSet', 'edit_set', 'asym_ddim', 'Inversion', 'invert', 'cached_inversion',
+           'lpips_curves', 'choose_t', 'unet_temb', 'DeltaBlock', 'DeltaBlocks', 'FiLMResBlock', 'SCT',
+           'edit_conditions', 'EditorConfig', 'source_pairs', 'h_channels', 'make_editor', 'train_editor',
+           'apply_editor', 'composite_edit', 'train_diffusionclip', 'apply_diffusionclip', 'diagnosis_head',
+           'edit_metrics', 'comparison', 'paired_difference', 'counterfactual_augmentation', 'cpde_images',
+           'edit_schedule', 'load_editor', 'load_diffusionclip', 'folder_edit_set', 'edit_folder', 'eval_edit_folders']
 
 # %% ../nbs/08_cpde.ipynb #ac3fc296
 ATTRIBUTES = {'streaks': 'streaks', 'blue_whitish_veil': 'blue_whitish_veil', 'pigment_network': 'atypical_pigment_network',
@@ -317,12 +317,13 @@ def edit_conditions(clip:ClipEncoder, # the CLIP of the losses (the concept-awar
 
 # %% ../nbs/08_cpde.ipynb #be76a8cf
 METHODS = ('asyrp', 'masking', 'sct', 'cpde')
+EDIT_STEPS = 40      # DDIM steps of the h-space methods: Asyrp's official n_inv_step = n_train_step = n_test_step
 
 @dataclass(frozen=True)
 class EditorConfig(Config):
     "What a trained h-space editor depends on (hashed for the cache)."
     method:str='cpde'          # one of METHODS
-    steps:int=20               # DDIM steps (the inversion's)
+    steps:int=EDIT_STEPS       # DDIM steps (the inversion's, training's and sampling's)
     t_edit:int=501             # Δh from this timestep up (chosen by `choose_t`)
     t_addnoise:int=201         # η = 1 below this timestep at sampling (`load_editor`: the rule's, or 0 without `quality_boost`)
     h_block:str='mid_block'    # where Δh is added: Asyrp's bottleneck (4×4 here) or 'up_blocks.0' (8×8, see below)
@@ -481,7 +482,7 @@ def composite_edit(orig:torch.Tensor, # originals (B, 3, S, S)
     return m * edited + (1 - m) * orig
 
 # %% ../nbs/08_cpde.ipynb #bbdd9f41
-DCLIP_RANK, DCLIP_T0 = 4, 500
+DCLIP_RANK, DCLIP_T0, DCLIP_STEPS = 4, 500, 20
 
 def train_diffusionclip(bb:Backbone, # the (frozen) backbone
                         es:EditSet, # training images
@@ -691,10 +692,10 @@ def load_diffusionclip(edit:Edit, # the edit
     bb = load_base_model(profile, root, device=device, progress=progress); bb.cache_dir = Path(base_config(profile).hash())
     clip = load_concept_dermclip(profile, root, 'cpu'); es = cpde_images('train', mask_method, profile, root, device)
     key = {'edit': [edit.attribute, edit.direction], 'backbone': base_config(profile).hash(), 'clip': clip.cache_dir.name,
-           'per_edit': per_edit, 'epochs': epochs, 'rank': DCLIP_RANK, 't0': DCLIP_T0, 'steps': 20, 'data': f'masks-{mask_method}', 'version': 2}
+           'per_edit': per_edit, 'epochs': epochs, 'rank': DCLIP_RANK, 't0': DCLIP_T0, 'steps': DCLIP_STEPS, 'data': f'masks-{mask_method}', 'version': 2}
     def build(d):
         cfg = EditorConfig(edits=((edit.attribute, edit.direction),), pairs_per_edit=per_edit)
-        sub, _ = _pairs_subset(es, cfg); inv = cached_inversion(bb, sub, 20)
+        sub, _ = _pairs_subset(es, cfg); inv = cached_inversion(bb, sub, DCLIP_STEPS)
         t0 = time.time(); unet, k0, hist = train_diffusionclip(bb, sub, inv, clip, edit, per_edit, epochs=epochs)
         save_lora(d, unet); save_json({'k0': k0, 'seconds': time.time() - t0}, d/'info.json'); hist.to_csv(d/'history.csv', index=False)
     path = cached_dir('cpde-diffusionclip', key, build)
@@ -754,7 +755,7 @@ def edit_folder(images_dir:str|Path, # input images
     if method == 'diffusionclip':
         if strength != 1: raise DermnbError("--strength scales an h-space Δh; the DiffusionCLIP-style method has none (use cpde, asyrp, masking or sct)")
         unet, k0, bb = load_diffusionclip(e, profile, root, device)
-        edited = apply_diffusionclip(bb, unet, k0, cached_inversion(bb, es, 20))
+        edited = apply_diffusionclip(bb, unet, k0, cached_inversion(bb, es, DCLIP_STEPS))
     else:
         ed, cfg, conds, bb, _ = load_editor(method, profile, root, device)
         j = [tuple(x) for x in cfg.edits].index((e.attribute, e.direction))

@@ -24,7 +24,7 @@ from dermnb.base import fid_kid
 from dermnb.metrics import inception_features
 from dermnb.segmenter import load_segmenter, predict_proba, SegmenterConfig
 from dermnb.lesiongen import load_concept_classifier, lite0_features, CONCEPTS
-from dermnb.cpde import (ALL_EDITS, Edit, METHODS, METHOD_NAMES, PAPER, cpde_images, load_editor, load_diffusionclip, cached_inversion,
+from dermnb.cpde import (ALL_EDITS, Edit, METHODS, METHOD_NAMES, PAPER, DCLIP_STEPS, cpde_images, load_editor, load_diffusionclip, cached_inversion,
                          apply_editor, apply_diffusionclip, edit_schedule, source_pairs, edit_metrics, comparison, diagnosis_head, paired_difference,
                          counterfactual_augmentation)
 from dermnb.runner import figure_setup
@@ -71,14 +71,14 @@ lap('editors'); runs
 test = cpde_images('test', S['mask_method'], profile, root, device)
 pairs = source_pairs(test, list(ALL_EDITS), S['per_edit_test'], seed + 1)
 idx = [i for i, _ in pairs]; eidx = torch.tensor([e for _, e in pairs]); sub = test.subset(idx)
-inv = cached_inversion(bb, sub, cfg0.steps)
+inv, inv_dc = cached_inversion(bb, sub, cfg0.steps), cached_inversion(bb, sub, DCLIP_STEPS)   # h-space methods: 40 steps; DiffusionCLIP: its 20
 edited = {m: apply_editor(bb, e[0], e[1], sub, inv, eidx, e[2], seed=seed) for m, e in editors.items()}
 dc = torch.zeros_like(sub.images)
 for j, e in enumerate(ALL_EDITS):
     sel = (eidx == j).nonzero().flatten()
     if len(sel) == 0: continue
     unet, k0, _ = load_diffusionclip(e, profile, root, device, S['mask_method'])
-    dc[sel] = apply_diffusionclip(bb, unet, k0, inv.subset(sel.tolist()))
+    dc[sel] = apply_diffusionclip(bb, unet, k0, inv_dc.subset(sel.tolist()))
 edited['diffusionclip'] = dc
 edited['cpde (latent blending only)'] = apply_editor(bb, ed0, cfg0, sub, inv, eidx, conds, seed=seed, composite=False)
 edited['cpde, no edit (Δh = 0)'] = apply_editor(bb, ed0, cfg0, sub, inv, eidx, conds, seed=seed, strength=0.)
