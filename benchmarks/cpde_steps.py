@@ -9,34 +9,23 @@ consistency, diagnosis kept and concept detection after 'add' / 'remove' per set
     DERMNB_DATA=../shared/dermdata python benchmarks/cpde_steps.py [--methods asyrp masking sct cpde]
 """
 import argparse, time
-import torch
+import pandas as pd, torch
 from _results import save_results
+from _cpde import edit_bench, summary, show
 
 if __name__ == '__main__':
     ap = argparse.ArgumentParser(); ap.add_argument('--methods', nargs='+', default=['asyrp', 'masking', 'sct', 'cpde']); a = ap.parse_args()
     torch.set_num_threads(2)
-    from dermnb.core import data_root
-    from dermnb.segmenter import load_segmenter, SegmenterConfig
-    from dermnb.lesiongen import load_concept_classifier
-    from dermnb.cpde import ALL_EDITS, cpde_images, load_editor, cached_inversion, apply_editor, source_pairs, edit_metrics, diagnosis_head
-    root, dev = data_root(), 'cpu'; t0 = time.time()
-    val = cpde_images('val', 'unet', 'quick', root, dev)
-    pairs = source_pairs(val, list(ALL_EDITS), 16, 202)
-    idx = [i for i, _ in pairs]; eidx = torch.tensor([e for _, e in pairs]); sub = val.subset(idx)
-    judge, dxh = load_concept_classifier(root=root), diagnosis_head(root)
-    useg = load_segmenter(SegmenterConfig.for_profile('quick'), root, dev); edits_of = [ALL_EDITS[j] for j in eidx.tolist()]
+    from dermnb.cpde import load_editor, cached_inversion, apply_editor
+    t0 = time.time(); b = edit_bench('val', 202)
     rows = []
     for method in a.methods:
         for steps in (20, 40):
-            ed, cfg, conds, bb, clip = load_editor(method, 'quick', root, dev, 'unet', progress=False, steps=steps)
-            inv = cached_inversion(bb, sub, steps)
+            ed, cfg, conds, bb, clip = load_editor(method, 'quick', None, b.device, 'unet', progress=False, steps=steps)
+            inv = cached_inversion(bb, b.sub, steps)
             for strength in ((1., 0.) if method == 'cpde' else (1.,)):
-                m = edit_metrics(sub.images, apply_editor(bb, ed, cfg, sub, inv, eidx, conds, seed=0, strength=strength),
-                                 sub.masks, edits_of, clip, judge, dxh, useg, dev)
-                add, rem = m[m.direction == 'add'], m[m.direction == 'remove']
-                rows.append({'method': method, 'steps': steps, 'strength': strength, 'optimizer_steps': len(__import__('pandas').read_csv(ed.cache_dir/'history.csv')),
-                             'n': len(m), 's_dir': m.s_dir.mean(), 's_dir_se': m.s_dir.std() / len(m) ** .5, 'ns_lpips': m.ns_lpips.mean(),
-                             'seg_dice': m.seg_dice.mean(), 'dx_kept': m.dx_kept.mean(), 'add_detected_before': add.detected_before.mean(),
-                             'add_detected_after': add.detected_after.mean(), 'remove_detected_after': rem.detected_after.mean()})
-                print({k: (round(float(v), 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, f'{time.time() - t0:.0f} s', flush=True)
+                m = b.score(apply_editor(bb, ed, cfg, b.sub, inv, b.eidx, conds, seed=0, strength=strength), clip)
+                rows.append({'method': method, 'steps': steps, 'strength': strength,
+                             'optimizer_steps': len(pd.read_csv(ed.cache_dir/'history.csv')), **summary(m)})
+                show(rows[-1], t0)
     save_results(rows, 'cpde_steps')
