@@ -3,9 +3,9 @@
 The naive loop edits one image at a time and makes two UNet calls per step (plain and with Δh), as Asyrp's official
 code does at batch 1. dermnb's `apply_editor` edits a batch at once and puts the plain and the edited call into one
 UNet batch of 2B. Both run the same steps, t_edit and Δh module (an untrained SCT of the real shape: the cost does not
-depend on the weights) on the quick base model's architecture, 64-px images, 20 DDIM steps. Target: >= 2x images/s.
+depend on the weights) on the quick base model's architecture, 64-px images, the editors' DDIM steps (`EDIT_STEPS`, 40). Target: >= 2x images/s.
 
-Run: .venv/bin/python benchmarks/cpde_throughput.py [--n 32] [--threads 2]
+Run: .venv/bin/python benchmarks/cpde_throughput.py [--n 32] [--threads 2] [--steps 40]
 """
 import argparse, time
 import numpy as np, torch
@@ -13,10 +13,11 @@ from _results import save_results
 
 if __name__ == '__main__':
     ap = argparse.ArgumentParser(); ap.add_argument('--n', type=int, default=32); ap.add_argument('--threads', type=int, default=2)
-    ap.add_argument('--steps', type=int, default=20); a = ap.parse_args(); torch.set_num_threads(a.threads)
+    ap.add_argument('--steps', type=int, default=None); a = ap.parse_args(); torch.set_num_threads(a.threads)
     from dermnb.base import base_config
     from dermnb.training import build_backbone
-    from dermnb.cpde import EditorConfig, make_editor, EditSet, Inversion, apply_editor, asym_ddim, _delta_fn
+    from dermnb.cpde import EditorConfig, make_editor, EditSet, Inversion, apply_editor, asym_ddim, _delta_fn, EDIT_STEPS
+    a.steps = a.steps or EDIT_STEPS
     bb, _ = build_backbone(base_config('quick'), 'cpu'); bb.unet.eval().requires_grad_(False)
     cfg = EditorConfig(method='sct', steps=a.steps, t_edit=501, t_addnoise=201)
     ed = make_editor(cfg).eval()
@@ -49,4 +50,4 @@ if __name__ == '__main__':
     print(f"editing images/s: batched {batched:.2f}, naive Asyrp loop {naive:.2f}; ratio {batched / naive:.2f}x (target >= 2x: {'met' if batched / naive >= 2 else 'MISSED'})")
     save_results([{'measure': 'images/s, dermnb apply_editor (batched, 2B calls)', 'value': batched},
                   {'measure': 'images/s, naive Asyrp loop (batch 1, two calls per step)', 'value': naive},
-                  {'measure': 'ratio', 'value': batched / naive}, {'measure': 'images', 'value': a.n}], 'cpde_throughput')
+                  {'measure': 'ratio', 'value': batched / naive}, {'measure': 'images', 'value': a.n}, {'measure': 'steps', 'value': a.steps}], 'cpde_throughput')

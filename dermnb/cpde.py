@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from diffusers import DDIMScheduler
 from .core import (Config, DermnbError, DataError, cached_dir, tensor_hash, get_profile, load_image, load_mask, save_image,
-                         image_to_tensor, tensor_to_image, image_files, get_device, save_json)
+                         image_to_tensor, tensor_to_image, image_files, get_device, save_json, stable_hash)
 from .data import Record, get_split, DermDataset, fit_square
 from .metrics import ns_lpips, perceptual_distance, seg_metrics
 from .diffusion import Backbone, ddim_invert, hspace_hook, to_eps, add_lora
@@ -29,10 +29,11 @@ __all__ = ['ATTRIBUTES', 'DIRECTIONS', 'PLAIN', 'ALL_EDITS', 'X0_FRACTION', 'XT_
            'DCLIP_T0', 'DCLIP_STEPS', 'PAPER', 'METHOD_NAMES', 'EDIT_DATASETS', 'QUALITY_BOOST', 'MASK_WARN', 'Edit',
            'segment_masks', 'EditSet', 'edit_set', 'asym_ddim', 'Inversion', 'invert', 'cached_inversion',
            'lpips_curves', 'choose_t', 'unet_temb', 'DeltaBlock', 'DeltaBlocks', 'FiLMResBlock', 'SCT',
-           'edit_conditions', 'EditorConfig', 'source_pairs', 'h_channels', 'make_editor', 'train_editor',
-           'apply_editor', 'composite_edit', 'train_diffusionclip', 'apply_diffusionclip', 'diagnosis_head',
-           'edit_metrics', 'comparison', 'paired_difference', 'counterfactual_augmentation', 'cpde_images',
-           'edit_schedule', 'load_editor', 'load_diffusionclip', 'folder_edit_set', 'edit_folder', 'eval_edit_folders']
+           'edit_conditions', 'EditorConfig', 'source_pairs', 'lesion_crop', 'h_channels', 'make_editor',
+           'train_editor', 'apply_editor', 'composite_edit', 'train_diffusionclip', 'apply_diffusionclip',
+           'diagnosis_head', 'edit_metrics', 'comparison', 'paired_difference', 'counterfactual_augmentation',
+           'cpde_images', 'edit_schedule', 'load_editor', 'load_diffusionclip', 'folder_edit_set', 'edit_folder',
+           'eval_edit_folders']
 
 # %% ../nbs/08_cpde.ipynb #ac3fc296
 ATTRIBUTES = {'streaks': 'streaks', 'blue_whitish_veil': 'blue_whitish_veil', 'pigment_network': 'atypical_pigment_network',
@@ -338,6 +339,13 @@ class EditorConfig(Config):
     clip:str=''                # the loss CLIP's cache entry
     data:str=''                # the training images and masks
     seed:int=0
+    clip_view:str='mask'       # masked methods: what CLIP sees of the lesion, 'mask' (composite) or 'crop' (`lesion_crop`)
+
+    def hash(self)->str:
+        "The cache key. `clip_view` came after the figure's editors were cached, so it enters the key only when set."
+        d = self.to_dict()
+        if d['clip_view'] == 'mask': del d['clip_view']
+        return stable_hash({'type': type(self).__name__, **d})
 
     @property
     def masked(self)->bool: return self.method in ('masking', 'cpde')
@@ -360,13 +368,34 @@ def source_pairs(es:EditSet, # images with concept labels
     return [out[k] for k in rng.permutation(len(out))]
 
 # %% ../nbs/08_cpde.ipynb #77374440
+def lesion_crop(x:torch.Tensor, # images (B, C, S, S)
+                masks:torch.Tensor, # lesion masks (B, 1, S, S) in [0, 1]
+                margin:int=4, # pixels kept around the lesion's bounding box
+                min_half:int=12 # half-side of the smallest crop, pixels
+               )->torch.Tensor:
+    "A square around each lesion (its bounding box, plus `margin`), resized to S × S; the whole image where the mask is empty."
+    from torchvision.ops import roi_align
+    B, S = x.shape[0], x.shape[-1]; boxes = []
+    for m in masks[:, 0] > .5:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if len(ys) == 0: boxes.append([0., 0., float(S), float(S)]); continue
+        cy, cx = (ys.min().item() + ys.max().item() + 1) / 2, (xs.min().item() + xs.max().item() + 1) / 2
+        h = max((ys.max() - ys.min()).item() + 1, (xs.max() - xs.min()).item() + 1) / 2 + margin
+        h = max(h, min_half); boxes.append([cx - h, cy - h, cx + h, cy + h])
+    rois = torch.cat([torch.arange(B, dtype=x.dtype)[:, None], torch.tensor(boxes, dtype=x.dtype)], 1).to(x.device)
+    return roi_align(x, rois, (S, S), aligned=True)
+
+# %% ../nbs/08_cpde.ipynb #7e2dda9f
 def _decode_nc(bb:Backbone, z:torch.Tensor)->torch.Tensor:
     "Decode latents to pixels without the final clamp (which would cut gradients where the image saturates)."
     return bb.ae.decode_raw(z * bb.ae.scale.view(1, -1, 1, 1) + bb.ae.shift.view(1, -1, 1, 1)) if bb.ae is not None else z
 
 def _edit_loss(clip, img_e, img_rec, dirs, cos, mask, cfg):
     "Asyrp's loss, masked for the mask-guided variants: w_clip·(−log((2 − L_dir)/2)) + w_l1·cos·L1."
-    ldir = directional_clip_loss(clip, img_rec, img_e, text_dir=dirs, mask=mask if cfg.masked else None)
+    if cfg.masked and cfg.clip_view == 'crop':
+        comp = img_rec * (1 - mask) + img_e * mask
+        ldir = directional_clip_loss(clip, lesion_crop(img_rec, mask), lesion_crop(comp, mask), text_dir=dirs)
+    else: ldir = directional_clip_loss(clip, img_rec, img_e, text_dir=dirs, mask=mask if cfg.masked else None)
     if cfg.masked:
         out = (1 - mask).expand_as(img_e); l1 = ((img_e - img_rec).abs() * out).sum() / out.sum().clamp_min(1.)
     else: l1 = (img_e - img_rec).abs().mean()
