@@ -32,8 +32,8 @@ __all__ = ['ATTRIBUTES', 'DIRECTIONS', 'PLAIN', 'ALL_EDITS', 'X0_FRACTION', 'XT_
            'edit_conditions', 'EditorConfig', 'source_pairs', 'lesion_crop', 'h_channels', 'make_editor',
            'train_editor', 'apply_editor', 'composite_edit', 'train_diffusionclip', 'apply_diffusionclip',
            'diagnosis_head', 'edit_metrics', 'comparison', 'paired_difference', 'counterfactual_augmentation',
-           'cpde_images', 'edit_schedule', 'load_editor', 'load_diffusionclip', 'folder_edit_set', 'edit_folder',
-           'eval_edit_folders']
+           'cpde_images', 'edit_schedule', 'load_editor', 'load_diffusionclip', 'folder_edit_set', 'paste_edit',
+           'edit_folder', 'eval_edit_folders']
 
 # %% ../nbs/08_cpde.ipynb #ac3fc296
 ATTRIBUTES = {'streaks': 'streaks', 'blue_whitish_veil': 'blue_whitish_veil', 'pigment_network': 'atypical_pigment_network',
@@ -762,9 +762,22 @@ def folder_edit_set(images_dir:str|Path, # input images
                           f"{'nothing' if fr < MASK_WARN[0] else 'everything'})")
     X = torch.stack([image_to_tensor(fit_square(im, size, 'squash')) for im in ims])
     M = torch.stack([torch.from_numpy(np.asarray(fit_square(Image.fromarray(np.asarray(m)), size, 'squash', is_mask=True)) > 0).float()[None] for m in ms])
-    return EditSet([f.stem for f in files], X, M, [src] * len(files)), ims, files
+    return EditSet([f.stem for f in files], X, M, [src] * len(files)), ims, files, [np.asarray(m) > 0 for m in ms]
 
 # %% ../nbs/08_cpde.ipynb #ad7ba97b
+def paste_edit(orig:Image.Image, # the original image, full size
+               edited:torch.Tensor, # its edit (3, s, s) in [-1, 1], at the model's resolution
+               mask:np.ndarray, # the lesion mask at the original's size (H, W), bool
+               dilate:float=2, # pixels added around the lesion, at the model's resolution
+               feather:float=1. # edge softening, pixels at the model's resolution
+              )->Image.Image:
+    "The edit resized to the original's size inside the (dilated, feathered) lesion; the original's own pixels outside it."
+    W, H = orig.size; k = max(W, H) / edited.shape[-1]
+    up = image_to_tensor(tensor_to_image(edited).resize((W, H), Image.BICUBIC))[None]
+    m = torch.from_numpy(np.asarray(mask, dtype=bool)).float()[None, None]
+    return tensor_to_image(composite_edit(image_to_tensor(orig)[None], up, m, round(dilate * k), feather * k)[0])
+
+# %% ../nbs/08_cpde.ipynb #8adc0221
 def edit_folder(images_dir:str|Path, # input images
                 out_dir:str|Path, # edited images are written here under the input names
                 attribute:str, # one of ATTRIBUTES
@@ -780,7 +793,7 @@ def edit_folder(images_dir:str|Path, # input images
                )->list:
     "Edit every image of a folder (trained editors are cached on first use); returns the written files."
     e = Edit(attribute, direction)
-    es, ims, files = folder_edit_set(images_dir, masks_dir, mask_method, profile, root, device)
+    es, ims, files, full_masks = folder_edit_set(images_dir, masks_dir, mask_method, profile, root, device)
     if method == 'diffusionclip':
         if strength != 1: raise DermnbError("--strength scales an h-space Δh; the DiffusionCLIP-style method has none (use cpde, asyrp, masking or sct)")
         unet, k0, bb = load_diffusionclip(e, profile, root, device)
@@ -788,10 +801,13 @@ def edit_folder(images_dir:str|Path, # input images
     else:
         ed, cfg, conds, bb, _ = load_editor(method, profile, root, device)
         j = [tuple(x) for x in cfg.edits].index((e.attribute, e.direction))
-        edited = apply_editor(bb, ed, cfg, es, cached_inversion(bb, es, cfg.steps), torch.full((len(es),), j), conds, seed=seed, strength=strength)
+        edited = apply_editor(bb, ed, cfg, es, cached_inversion(bb, es, cfg.steps), torch.full((len(es),), j), conds, seed=seed,
+                              strength=strength, composite=False)
+    masked = method in ('cpde', 'masking')
     out = []
-    for f, im, x in zip(files, ims, edited):
-        out.append(save_image(tensor_to_image(x).resize(im.size, Image.BICUBIC), Path(out_dir)/f.name))
+    for f, im, x, m in zip(files, ims, edited, full_masks):
+        y = paste_edit(im, x, m) if masked else tensor_to_image(x).resize(im.size, Image.BICUBIC)
+        out.append(save_image(y, Path(out_dir)/f.name))
     return out
 
 # %% ../nbs/08_cpde.ipynb #1b69c8d3

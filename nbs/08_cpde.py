@@ -1267,8 +1267,12 @@ def load_diffusionclip(edit:Edit, # the edit
 # %% [markdown]
 # ## Editing a folder (the `dermnb edit` command)
 #
-# `edit_folder` edits every image of a folder and writes the results under the input names (at the input size; the
-# model edits at its own resolution, 64 px in the quick profile, and the result is resized back). Masks come from
+# `edit_folder` edits every image of a folder and writes the results under the input names, at the input size. The
+# model edits at its own resolution, 64 px in the quick profile. For the whole-image methods (Asyrp, w/ SCT,
+# DiffusionCLIP) the result is resized back. For the mask-guided ones (CPDE, w/ Masking), `paste_edit` puts the
+# resized edit inside the lesion onto the original's own full-resolution pixels. It uses the same dilation and
+# feathering as `composite_edit`, scaled to the image, so the context keeps the original's detail and not the
+# 64-px reconstruction. Masks come from
 # `masks_dir` (`<stem>_segmentation.png`, the ISIC naming) or a segmenter; a mask that covers nothing or the whole image
 # gets a warning (the edit is still defined: it then acts on the whole image, or nowhere for the masked methods), a mask
 # whose size differs from its image is an error naming the file, and no image is written before every input checked.
@@ -1305,7 +1309,22 @@ def folder_edit_set(images_dir:str|Path, # input images
                           f"{'nothing' if fr < MASK_WARN[0] else 'everything'})")
     X = torch.stack([image_to_tensor(fit_square(im, size, 'squash')) for im in ims])
     M = torch.stack([torch.from_numpy(np.asarray(fit_square(Image.fromarray(np.asarray(m)), size, 'squash', is_mask=True)) > 0).float()[None] for m in ms])
-    return EditSet([f.stem for f in files], X, M, [src] * len(files)), ims, files
+    return EditSet([f.stem for f in files], X, M, [src] * len(files)), ims, files, [np.asarray(m) > 0 for m in ms]
+
+
+# %%
+#| export
+def paste_edit(orig:Image.Image, # the original image, full size
+               edited:torch.Tensor, # its edit (3, s, s) in [-1, 1], at the model's resolution
+               mask:np.ndarray, # the lesion mask at the original's size (H, W), bool
+               dilate:float=2, # pixels added around the lesion, at the model's resolution
+               feather:float=1. # edge softening, pixels at the model's resolution
+              )->Image.Image:
+    "The edit resized to the original's size inside the (dilated, feathered) lesion; the original's own pixels outside it."
+    W, H = orig.size; k = max(W, H) / edited.shape[-1]
+    up = image_to_tensor(tensor_to_image(edited).resize((W, H), Image.BICUBIC))[None]
+    m = torch.from_numpy(np.asarray(mask, dtype=bool)).float()[None, None]
+    return tensor_to_image(composite_edit(image_to_tensor(orig)[None], up, m, round(dilate * k), feather * k)[0])
 
 
 # %%
@@ -1325,7 +1344,7 @@ def edit_folder(images_dir:str|Path, # input images
                )->list:
     "Edit every image of a folder (trained editors are cached on first use); returns the written files."
     e = Edit(attribute, direction)
-    es, ims, files = folder_edit_set(images_dir, masks_dir, mask_method, profile, root, device)
+    es, ims, files, full_masks = folder_edit_set(images_dir, masks_dir, mask_method, profile, root, device)
     if method == 'diffusionclip':
         if strength != 1: raise DermnbError("--strength scales an h-space Δh; the DiffusionCLIP-style method has none (use cpde, asyrp, masking or sct)")
         unet, k0, bb = load_diffusionclip(e, profile, root, device)
@@ -1333,10 +1352,13 @@ def edit_folder(images_dir:str|Path, # input images
     else:
         ed, cfg, conds, bb, _ = load_editor(method, profile, root, device)
         j = [tuple(x) for x in cfg.edits].index((e.attribute, e.direction))
-        edited = apply_editor(bb, ed, cfg, es, cached_inversion(bb, es, cfg.steps), torch.full((len(es),), j), conds, seed=seed, strength=strength)
+        edited = apply_editor(bb, ed, cfg, es, cached_inversion(bb, es, cfg.steps), torch.full((len(es),), j), conds, seed=seed,
+                              strength=strength, composite=False)
+    masked = method in ('cpde', 'masking')
     out = []
-    for f, im, x in zip(files, ims, edited):
-        out.append(save_image(tensor_to_image(x).resize(im.size, Image.BICUBIC), Path(out_dir)/f.name))
+    for f, im, x, m in zip(files, ims, edited, full_masks):
+        y = paste_edit(im, x, m) if masked else tensor_to_image(x).resize(im.size, Image.BICUBIC)
+        out.append(save_image(y, Path(out_dir)/f.name))
     return out
 
 
@@ -1387,8 +1409,13 @@ with tempfile.TemporaryDirectory() as d:
         load_image(r.image).resize((64, 64)).save(d/'ed'/f'{r.id}.png')
     res = eval_edit_folders(d/'orig', d/'ed', d/'masks', 'streaks', 'add', clip=tclip, device='cpu')
     test_eq(res['n'], 3); assert res['ns_lpips'] < .05 and np.isfinite(res['fid'])        # unedited: no change outside
-    es_f, _, _ = folder_edit_set(d/'orig', d/'masks')
-    test_eq(es_f.mask_source, ['given'] * 3)
+    es_f, ims_f, _, fm_f = folder_edit_set(d/'orig', d/'masks')
+    test_eq(es_f.mask_source, ['given'] * 3); test_eq(fm_f[0].shape, ims_f[0].size[::-1])
+    pe = np.asarray(paste_edit(ims_f[0], -torch.ones(3, 64, 64), fm_f[0])).astype(int)    # a black edit, pasted at full size
+    r_ = 6 * math.ceil(max(ims_f[0].size) / 64)                                        # beyond dilation (2 k) + blur (3 k)
+    far = ~F.max_pool2d(torch.from_numpy(fm_f[0]).float()[None, None], 2 * r_ + 1, 1, r_)[0, 0].bool().numpy()
+    test_eq(pe[far], np.asarray(ims_f[0]).astype(int)[far])                             # the context: the original's own pixels
+    assert far.mean() > .2 and pe[fm_f[0]].mean() < 8                                   # the lesion: the edit
     Image.new('L', (256, 192), 0).save(d/'masks'/f'{ph2_few[0].id}_segmentation.png')
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter('always'); folder_edit_set(d/'orig', d/'masks')
