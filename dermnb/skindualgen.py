@@ -185,8 +185,9 @@ def write_pairs(images:torch.Tensor, # (B, 3, H, W) in [-1, 1]
         rows.append({'id': sid, 'prompt': p, 'lesion_fraction': float(m.float().mean()), 'flag': mask_flag(m.cpu().numpy())})
     t = pd.DataFrame(rows)
     flags = out/'flags.csv'
-    old = pd.read_csv(flags) if flags.exists() else pd.DataFrame(columns=t.columns)
-    allt = pd.concat([old[~old.id.isin(t.id)], t], ignore_index=True).sort_values('id')
+    old = pd.read_csv(flags) if flags.exists() else t.iloc[:0]
+    kept = old[~old.id.isin(t.id)]                          # rows of earlier runs that this one does not overwrite
+    allt = (pd.concat([kept, t], ignore_index=True) if len(kept) else t).sort_values('id')
     atomic_save(flags, lambda f: allt.to_csv(f, index=False))
     return t
 

@@ -788,7 +788,6 @@ tp_ = results_csv('benchmarks/results/cpde_throughput.csv').set_index('measure')
 assert tp_['steps'] == EDIT_STEPS and tp_['ratio'] >= 2
 print(f"batched {tp_.iloc[0]:.1f} images/s vs naive {tp_.iloc[1]:.1f}: {tp_['ratio']:.2f}x at {int(tp_['steps'])} steps, {int(tp_['images'])} images")
 
-
 # %% [markdown]
 # ## The DiffusionCLIP-style baseline
 #

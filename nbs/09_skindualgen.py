@@ -282,8 +282,9 @@ def write_pairs(images:torch.Tensor, # (B, 3, H, W) in [-1, 1]
         rows.append({'id': sid, 'prompt': p, 'lesion_fraction': float(m.float().mean()), 'flag': mask_flag(m.cpu().numpy())})
     t = pd.DataFrame(rows)
     flags = out/'flags.csv'
-    old = pd.read_csv(flags) if flags.exists() else pd.DataFrame(columns=t.columns)
-    allt = pd.concat([old[~old.id.isin(t.id)], t], ignore_index=True).sort_values('id')
+    old = pd.read_csv(flags) if flags.exists() else t.iloc[:0]
+    kept = old[~old.id.isin(t.id)]                          # rows of earlier runs that this one does not overwrite
+    allt = (pd.concat([kept, t], ignore_index=True) if len(kept) else t).sort_values('id')
     atomic_save(flags, lambda f: allt.to_csv(f, index=False))
     return t
 
@@ -296,6 +297,8 @@ with tempfile.TemporaryDirectory() as d:
     test_eq(sorted(p.name for p in Path(d).iterdir())[:3], ['SYN_000000.jpg', 'SYN_000000_segmentation.png', 'SYN_000001.jpg'])
     test_eq(load_mask(Path(d)/'SYN_000000_segmentation.png').sum(), 36)
     test_eq(pd.read_csv(Path(d)/'flags.csv').flag.fillna('').tolist(), ['', 'empty', 'full'])
+    write_pairs(ims[:2], ms[1:], d, ['d', 'e'], start=2)                 # a second run: SYN_000002 rewritten, SYN_000003 added
+    test_eq(pd.read_csv(Path(d)/'flags.csv').prompt.tolist(), ['a', 'b', 'd', 'e'])
 
 
 # %%
