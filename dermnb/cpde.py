@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_cpde.ipynb #88aa4c6e
 from __future__ import annotations
-import copy, json, math, time, warnings
+import copy, functools, json, math, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from diffusers import DDIMScheduler
 from .core import (Config, DermnbError, DataError, cached_dir, tensor_hash, get_profile, load_image, load_mask, save_image,
-                         image_to_tensor, tensor_to_image, image_files, get_device, save_json, stable_hash)
+                         image_to_tensor, tensor_to_image, image_files, get_device, save_json, stable_hash, data_root)
 from .data import Record, get_split, DermDataset, fit_square
 from .metrics import ns_lpips, perceptual_distance, seg_metrics
 from .diffusion import Backbone, ddim_invert, hspace_hook, to_eps, add_lora
@@ -647,7 +647,11 @@ def cpde_images(split:str='train', # 'train' or 'test'
                 root:str|Path|None=None, # data root
                 device:str='auto' # device
                )->EditSet:
-    "The editing images of a split (PH2 + Derm7pt) with masks and expert concept labels."
+    "The editing images of a split (PH2 + Derm7pt) with masks and expert concept labels (memoized per process: read-only)."
+    return _cpde_images(split, mask_method, profile, str(data_root(root)), device)
+
+@functools.lru_cache(maxsize=4)
+def _cpde_images(split, mask_method, profile, root, device):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         recs = [r for ds in EDIT_DATASETS for r in get_split(ds, split, root)]
@@ -666,9 +670,14 @@ def edit_schedule(bb:Backbone, # the backbone
                   steps:int=20, # DDIM steps
                   n:int=24 # images for the LPIPS curves
                  )->dict:
-    "t_edit / t_addnoise by Asyrp's rule on this backbone, at the edits' mean text cosine; with the curves."
-    sub = es.subset(range(min(n, len(es)))); inv = cached_inversion(bb, sub, steps)
-    curves = lpips_curves(bb, sub, inv); cos = float(edit_conditions(clip, list(ALL_EDITS))['cos'].mean())
+    "t_edit / t_addnoise by Asyrp's rule on this backbone, at the edits' mean text cosine; with the curves (cached)."
+    sub = es.subset(range(min(n, len(es))))
+    curves_of = lambda: lpips_curves(bb, sub, cached_inversion(bb, sub, steps))
+    if getattr(bb, 'cache_dir', None) is None: curves = curves_of()          # an unnamed backbone: nothing to key a cache on
+    else:
+        key = {'backbone': str(bb.cache_dir), 'ids': sub.ids, 'steps': steps, 'pixels': tensor_hash(sub.images)}
+        curves = pd.read_csv(cached_dir('cpde-lpips-curves', key, lambda d: curves_of().to_csv(d/'curves.csv', index=False))/'curves.csv')
+    cos = float(edit_conditions(clip, list(ALL_EDITS))['cos'].mean())
     return {**choose_t(curves, cos), 'cos': cos, 'curves': curves}
 
 # %% ../nbs/08_cpde.ipynb #adb373e6
@@ -719,12 +728,12 @@ def load_diffusionclip(edit:Edit, # the edit
     from dermnb.lesiongen import load_concept_dermclip
     from dermnb.diffusion import save_lora, load_lora
     bb = load_base_model(profile, root, device=device, progress=progress); bb.cache_dir = Path(base_config(profile).hash())
-    clip = load_concept_dermclip(profile, root, 'cpu'); es = cpde_images('train', mask_method, profile, root, device)
+    clip = load_concept_dermclip(profile, root, 'cpu')
     key = {'edit': [edit.attribute, edit.direction], 'backbone': base_config(profile).hash(), 'clip': clip.cache_dir.name,
            'per_edit': per_edit, 'epochs': epochs, 'rank': DCLIP_RANK, 't0': DCLIP_T0, 'steps': DCLIP_STEPS, 'data': f'masks-{mask_method}', 'version': 2}
     def build(d):
         cfg = EditorConfig(edits=((edit.attribute, edit.direction),), pairs_per_edit=per_edit)
-        sub, _ = _pairs_subset(es, cfg); inv = cached_inversion(bb, sub, DCLIP_STEPS)
+        sub, _ = _pairs_subset(cpde_images('train', mask_method, profile, root, device), cfg); inv = cached_inversion(bb, sub, DCLIP_STEPS)
         t0 = time.time(); unet, k0, hist = train_diffusionclip(bb, sub, inv, clip, edit, per_edit, epochs=epochs)
         save_lora(d, unet); save_json({'k0': k0, 'seconds': time.time() - t0}, d/'info.json'); hist.to_csv(d/'history.csv', index=False)
     path = cached_dir('cpde-diffusionclip', key, build)
