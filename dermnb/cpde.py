@@ -676,7 +676,8 @@ def edit_schedule(bb:Backbone, # the backbone
     if getattr(bb, 'cache_dir', None) is None: curves = curves_of()          # an unnamed backbone: nothing to key a cache on
     else:
         key = {'backbone': str(bb.cache_dir), 'ids': sub.ids, 'steps': steps, 'pixels': tensor_hash(sub.images)}
-        curves = pd.read_csv(cached_dir('cpde-lpips-curves', key, lambda d: curves_of().to_csv(d/'curves.csv', index=False))/'curves.csv')
+        curves = pd.read_csv(cached_dir('cpde-lpips-curves', key, lambda d: curves_of().to_csv(d/'curves.csv', index=False))/'curves.csv',
+                             float_precision='round_trip')                 # the exact floats back
     cos = float(edit_conditions(clip, list(ALL_EDITS))['cos'].mean())
     return {**choose_t(curves, cos), 'cos': cos, 'curves': curves}
 
