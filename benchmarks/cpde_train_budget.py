@@ -1,7 +1,7 @@
 """The h-space editors' training budget: can the cpde figure train its four editors on half the pairs?
 
-The editors are most of the cpde figure's time from an empty cache (four editors, about 116 s each on 2 cores, of the
-figure's 1172 s; target 720 s). One optimizer step per timestep above t_edit and per batch of 8 pairs, so halving the
+The editors are the largest part of the cpde figure's time from an empty cache (four editors, about 116 s each on 2
+cores; the figure's stage times are in figures/cpde/timings_empty_cache.csv; target 720 s). One optimizer step per timestep above t_edit and per batch of 8 pairs, so halving the
 pairs per edit (8 -> 4) halves the training time. Each method's editor is trained (or read from the cache) both ways,
 same config otherwise, and edits the same 160 *validation* pairs (16 per edit, source state) with the figure's sampler.
 Prints training seconds, S_dir (with its SE), NS-LPIPS, segmentation consistency, diagnosis kept and concept detection
