@@ -942,6 +942,11 @@ m = minilm.tokenizer(caps, padding="max_length", max_length=40, return_tensors="
 v = torch.nn.functional.normalize((e * m).sum(1) / m.sum(1), dim=-1); cos = v @ v.T
 assert cos[0, 1] > cos[0, 2] + 0.1     # pretrained: two lesion captions are closer than a lesion and a cat
 test_fail(lambda: load_text_encoder('nope'), contains='minilm')
+from transformers.utils import logging as hf_logging
+for on in (True, False):                                     # the quiet load leaves the user's transformers setting as it was
+    hf_logging.enable_progress_bar() if on else hf_logging.disable_progress_bar()
+    load_text_encoder('minilm'); test_eq(hf_logging.is_progress_bar_enabled(), on)
+hf_logging.enable_progress_bar()
 
 # %% [markdown]
 # ## LoRA

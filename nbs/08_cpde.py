@@ -1111,7 +1111,6 @@ test_eq((s1['t_edit'], s1['t_addnoise']), (s2['t_edit'], s2['t_addnoise'])); tes
 test_eq(s2['curves'][['d_x0', 'd_xt']].to_numpy(), s3['curves'][['d_x0', 'd_xt']].to_numpy())   # the CSV round trip keeps every bit
 test_eq(len(s1['curves']), 6)
 
-
 # %% [markdown]
 # **What Asyrp's quality boosting costs here.** Below t_addnoise Asyrp samples with η = 1, which on its 256-px pixel
 # DDPM adds detail. On our 64-px latent model the fresh noise in the last steps redraws what the inversion would have
