@@ -1051,7 +1051,7 @@ assert set(ca_) == {'real only', 'real + counterfactuals'} and 0 <= ca_['real on
 # (four editors, ten DiffusionCLIP LoRAs, itself), and each time the U-Net segmented Derm7pt again. Each editor also
 # redrew the LPIPS curves. So `cpde_images` is memoized per process (treat its result as read-only). The curves are
 # cached on disk by backbone, images and steps, and `load_diffusionclip` reads the training set only on a cache miss.
-# Warm, a second `load_editor` drops from about 19 s to under 2 s.
+# On a warm cache, a `load_editor` after the first in a process segments and redraws nothing.
 
 # %%
 #| export
