@@ -92,8 +92,11 @@ def tensor_hash(*tensors:torch.Tensor|np.ndarray|None, # tensors or arrays (None
 @dataclass(frozen=True)
 class Config:
     "Base for method configs: a frozen dataclass with a stable hash and JSON round trip."
+    late_fields = ()   # fields added after models were cached: in the key only when set away from their default
     def to_dict(self)->dict: return _jsonable(self)
-    def hash(self)->str: return stable_hash({'type': type(self).__name__, **self.to_dict()})
+    def hash(self)->str:
+        d, dflt = self.to_dict(), {f.name: f.default for f in dataclasses.fields(self)}
+        return stable_hash({'type': type(self).__name__, **{k: v for k, v in d.items() if not (k in self.late_fields and v == dflt[k])}})
     def replace(self, **kw): return dataclasses.replace(self, **kw)
     @classmethod
     def from_dict(cls, d:dict): return cls(**{f.name:d[f.name] for f in dataclasses.fields(cls) if f.name in d})

@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from diffusers import DDIMScheduler
 from .core import (Config, DermnbError, DataError, cached_dir, tensor_hash, get_profile, load_image, load_mask, save_image,
-                         image_to_tensor, tensor_to_image, image_files, get_device, save_json, stable_hash, data_root)
+                         image_to_tensor, tensor_to_image, image_files, get_device, save_json, data_root)
 from .data import Record, get_split, DermDataset, fit_square
 from .metrics import ns_lpips, perceptual_distance, seg_metrics
 from .diffusion import Backbone, ddim_invert, hspace_hook, to_eps, add_lora
@@ -340,12 +340,7 @@ class EditorConfig(Config):
     data:str=''                # the training images and masks
     seed:int=0
     clip_view:str='mask'       # masked methods: what CLIP sees of the lesion, 'mask' (composite) or 'crop' (`lesion_crop`)
-
-    def hash(self)->str:
-        "The cache key. `clip_view` came after the figure's editors were cached, so it enters the key only when set."
-        d = self.to_dict()
-        if d['clip_view'] == 'mask': del d['clip_view']
-        return stable_hash({'type': type(self).__name__, **d})
+    late_fields = ('clip_view',) # came after the figure's editors were cached: in the key only when set
 
     @property
     def masked(self)->bool: return self.method in ('masking', 'cpde')
@@ -807,13 +802,12 @@ def edit_folder(images_dir:str|Path, # input images
     if method == 'diffusionclip':
         if strength != 1: raise DermnbError("--strength scales an h-space Δh; the DiffusionCLIP-style method has none (use cpde, asyrp, masking or sct)")
         unet, k0, bb = load_diffusionclip(e, profile, root, device)
-        edited = apply_diffusionclip(bb, unet, k0, cached_inversion(bb, es, DCLIP_STEPS))
+        edited = apply_diffusionclip(bb, unet, k0, cached_inversion(bb, es, DCLIP_STEPS)); masked = False
     else:
         ed, cfg, conds, bb, _ = load_editor(method, profile, root, device)
         j = [tuple(x) for x in cfg.edits].index((e.attribute, e.direction))
         edited = apply_editor(bb, ed, cfg, es, cached_inversion(bb, es, cfg.steps), torch.full((len(es),), j), conds, seed=seed,
-                              strength=strength, composite=False)
-    masked = method in ('cpde', 'masking')
+                              strength=strength, composite=False); masked = cfg.masked
     out = []
     for f, im, x, m in zip(files, ims, edited, full_masks):
         y = paste_edit(im, x, m) if masked else tensor_to_image(x).resize(im.size, Image.BICUBIC)
