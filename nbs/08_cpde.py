@@ -1466,4 +1466,5 @@ with tempfile.TemporaryDirectory() as d:
     Image.new('L', (10, 10), 0).save(d/'masks'/f'{ph2_few[1].id}_segmentation.png')
     test_fail(lambda: folder_edit_set(d/'orig', d/'masks'), contains='differs from its image')
     test_fail(lambda: edit_folder(d/'orig', d/'out', 'sparkles', 'add', masks_dir=d/'masks'), contains='known attributes')
+    test_fail(lambda: edit_folder(d/'orig', d/'out', 'streaks', 'add', mask_method='none'), contains='no --masks and no segmenter')
     assert not (d/'out').exists()                                                     # nothing written
