@@ -18,24 +18,25 @@ from tqdm.auto import tqdm
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from .core import (Config, DermnbError, DataError, cached_dir, get_profile, seed_everything, load_image, load_mask,
-                         save_json, atomic_save, atomic_write, channels_last, get_device, CPU_BATCH)
+                         save_json, atomic_save, atomic_write, channels_last, get_device, stable_hash, CPU_BATCH)
 from .pretrained import load_effnet_lite0
-from .data import Record, get_split, DermDataset, fit_square, LABELS
+from .data import Record, get_split, DermDataset, fit_square, LABELS, array_cache_key
 from .captions import (Phrase, caption_phrases, fit_caption, label_caption, lesion_morphology, size_bin, tone_bin,
                              with_article, diagnosis_phrase, CAPTION_MAX_TOKENS, _and)
 
 # %% auto #0
-__all__ = ['CONCEPTS', 'CAPTION_DATASETS', 'LORA_RANK', 'LORA_STEPS', 'CAPTION_KINDS', 'SIZES', 'TONES', 'CLASS_GROUPS',
-           'CLASSES', 'AGE_BINS', 'ZS_CONCEPT_TEMPLATES', 'PROVENANCE_COLOURS', 'concept_labels', 'lite0_features',
-           'record_features', 'ConceptClassifierConfig', 'ConceptClassifier', 'train_concept_classifier',
-           'load_concept_classifier', 'concept_classifier_table', 'CaptionConfig', 'caption_rows', 'caption_dataset',
-           'lesiongen_train_config', 'caption_records', 'lesiongen_dataset', 'lora_rows', 'load_lesiongen',
-           'lesiongen_prompt', 'prompt_vocabulary', 'check_prompt', 'fit_linear_head', 'subgroup_table', 'subgroups',
-           'fit_arm_head', 'classifier_arms', 'concept_faithfulness', 'faithfulness_summary', 'real_concept_rates',
-           'class_prompts', 'fid_per_class', 'concept_dermclip_config', 'load_concept_dermclip', 'zero_shot_concepts',
-           'generate_lesiongen', 'plot_caption_table']
+__all__ = ['EXPERT_SOURCES', 'CONCEPTS', 'CAPTION_DATASETS', 'LORA_RANK', 'LORA_STEPS', 'CAPTION_KINDS', 'SIZES', 'TONES',
+           'CLASS_GROUPS', 'CLASSES', 'AGE_BINS', 'ZS_CONCEPT_TEMPLATES', 'PROVENANCE_COLOURS', 'concept_labels',
+           'lite0_features', 'record_features', 'ConceptClassifierConfig', 'ConceptClassifier',
+           'train_concept_classifier', 'load_concept_classifier', 'concept_classifier_table', 'CaptionConfig',
+           'caption_rows', 'caption_dataset', 'lesiongen_train_config', 'caption_records', 'lesiongen_dataset',
+           'lora_rows', 'load_lesiongen', 'lesiongen_prompt', 'prompt_vocabulary', 'check_prompt', 'fit_linear_head',
+           'subgroup_table', 'subgroups', 'fit_arm_head', 'classifier_arms', 'concept_faithfulness',
+           'faithfulness_summary', 'real_concept_rates', 'class_prompts', 'fid_per_class', 'concept_dermclip_config',
+           'load_concept_dermclip', 'zero_shot_concepts', 'generate_lesiongen', 'plot_caption_table']
 
 # %% ../nbs/07_lesiongen.ipynb #ff698226
+EXPERT_SOURCES = ('derm7pt', 'ph2')   # datasets whose experts rate the concepts
 CONCEPTS = {   # concept -> (phrase, Derm7pt rule, PH2 rule); a rule maps the dataset's value to 1/0
     'atypical_pigment_network': ('an atypical pigment network', lambda c: c.get('pigment_network') == 'atypical',
                                  lambda c: c.get('pigment_network') == 'atypical'),
@@ -98,7 +99,7 @@ def record_features(records:Sequence[Record], # records to embed
 @dataclass(frozen=True)
 class ConceptClassifierConfig(Config):
     "What determines the concept classifier (hashed for the cache)."
-    datasets:tuple=('derm7pt', 'ph2')   # expert-annotated training data (their train splits)
+    datasets:tuple=EXPERT_SOURCES       # expert-annotated training data (their train splits)
     from_size:int=64                    # images pass through the generator's resolution
     size:int=128                        # Lite0 input side
     pca_dims:int=64                     # the standardised features are reduced to this many whitened components first
@@ -244,7 +245,7 @@ def caption_rows(records:Sequence[Record], # records to caption
         m, src = (load_mask(r.mask, size=img.size), 'ground truth') if r.mask is not None else (masks.get(r.id), 'U-Net')
         meas = lesion_morphology(img, m) if m is not None and m.any() else None
         if meas is None: src = 'none'
-        expert = r.source in ('derm7pt', 'ph2')
+        expert = r.source in EXPERT_SOURCES
         pred = [] if expert else [Phrase(CONCEPTS[k][0], 'concept', 'predicted', k, round(float(probs[k][i]), 3))
                                   for k in CONCEPTS if probs[k][i] >= clf.thresholds[k]['caption']]
         ph = caption_phrases(r, pred, meas)
@@ -285,13 +286,14 @@ CAPTION_KINDS = ('rich', 'label')
 def lesiongen_train_config(profile:str='quick', # run profile
                            captions:str='rich', # 'rich' (concept-rich, with provenance) or 'label' (label-only)
                            caption_cfg:CaptionConfig=CaptionConfig(), # the caption dataset
-                           seed:int=0 # seed of the adapter, data order and noise
+                           seed:int=0, # seed of the adapter, data order and noise
+                           expert_repeat:int=1 # times the expert-annotated images appear in the training set (`lora_rows`)
                           )->'TrainConfig':
     "The LoRA training config of LesionGen for a profile and a caption kind."
     from dermnb.training import TrainConfig
     from dermnb.base import base_config
     if captions not in CAPTION_KINDS: raise DermnbError(f"captions must be one of {CAPTION_KINDS}, not {captions!r}")
-    p = get_profile(profile); data = f'lesiongen-{captions}:{caption_cfg.hash()}:lora_rows300:squash'
+    p = get_profile(profile); data = f'lesiongen-{captions}:{caption_cfg.hash()}:lora_rows300{f"x{expert_repeat}expert" if expert_repeat != 1 else ""}:squash'
     if p.name == 'quick':
         return TrainConfig(data=data, space='latent', ae='taef2', image_size=p.image_size, cond='text', text_encoder='minilm',
                            base=f'cached:{base_config(profile, 0).hash()}', lora_rank=LORA_RANK, lora_alpha=LORA_RANK,
@@ -322,19 +324,22 @@ def lesiongen_dataset(rows:Sequence[dict], # caption dataset rows
     "A training dataset of the rows' images (squashed) with their rich (all wordings) or label-only captions."
     caps = {(r['source'], r['id']): (r['captions'] if captions == 'rich' else r['label_caption']) for r in rows}
     recs = caption_records(rows, root)
-    return DermDataset(recs, image_size, 'squash', caption_fn=lambda rec: caps[(rec.source, rec.id)], with_mask=False)
+    ds = DermDataset(recs, image_size, 'squash', caption_fn=lambda rec: caps[(rec.source, rec.id)], with_mask=False)
+    ds.images_key = stable_hash(array_cache_key(recs, image_size, 'squash', with_mask=False))   # both caption kinds share latents
+    return ds
 
 # %% ../nbs/07_lesiongen.ipynb #c27ed067
 def lora_rows(rows:Sequence[dict], # caption dataset rows
               per_class:int=300, # ISIC 2019 images kept per diagnosis
-              seed:int=0 # which ones
+              seed:int=0, # which ones
+              expert_repeat:int=1 # how many times the expert-annotated rows (Derm7pt, PH2) appear
              )->list:
     "The caption rows LesionGen's LoRA trains on (expert datasets and ISIC 2018 in full, ISIC 2019 capped per class)."
     rng = np.random.default_rng(seed); keep = [r for r in rows if r['source'] != 'isic2019']
     for dx in sorted({r['diagnosis'] or '' for r in rows if r['source'] == 'isic2019'}):
         pool = [r for r in rows if r['source'] == 'isic2019' and (r['diagnosis'] or '') == dx]
         keep += [pool[i] for i in sorted(rng.permutation(len(pool))[:per_class])]
-    return keep
+    return keep + [r for r in keep if r['source'] in EXPERT_SOURCES] * (expert_repeat - 1)
 
 # %% ../nbs/07_lesiongen.ipynb #ac1ebe01
 def load_lesiongen(profile:str='quick', # run profile
@@ -343,14 +348,15 @@ def load_lesiongen(profile:str='quick', # run profile
                    device:str='auto', # device
                    seed:int=0, # LoRA seed
                    caption_cfg:CaptionConfig=CaptionConfig(), # the caption dataset
-                   progress:bool=True # training progress bars
+                   progress:bool=True, # training progress bars
+                   expert_repeat:int=1 # times the expert-annotated images appear in the training set
                   ):
     "LesionGen's backbone (base + LoRA trained on the chosen captions), trained and cached on first use."
     from dermnb.training import train_cached, load_trained
     from dermnb.base import load_base_model
-    cfg = lesiongen_train_config(profile, captions, caption_cfg, seed)
+    cfg = lesiongen_train_config(profile, captions, caption_cfg, seed, expert_repeat)
     if cfg.base.startswith('cached:'): load_base_model(profile, root, 0, device, progress)     # the base must be in the cache
-    rows = lambda: lora_rows(caption_dataset(caption_cfg, root, device, progress))
+    rows = lambda: lora_rows(caption_dataset(caption_cfg, root, device, progress), expert_repeat=expert_repeat)
     path = train_cached(cfg, lambda: lesiongen_dataset(rows(), captions, cfg.image_size, root), device=device, progress=progress)
     bb = load_trained(path, device); bb.cache_dir = path
     return bb

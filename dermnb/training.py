@@ -198,8 +198,8 @@ class TrainData:
 
 # %% ../nbs/03a_training.ipynb #affbef25
 @torch.no_grad()
-def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)->TrainData:
-    "Read every item once: check sizes; raw latents (both flips) or pixels; labels; caption embeddings."
+def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool, images:torch.Tensor|None=None)->TrainData:
+    "Read every item once: check sizes; raw latents (both flips) or pixels (`images` when given); labels; caption embeddings."
     n = len(dataset)
     xs, labels, caps = [], [], []
     for s in tqdm(range(0, n, chunk), desc='prepare data', disable=not progress, leave=False):
@@ -208,12 +208,15 @@ def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)-
         if x.shape[-2:] != (cfg.image_size, cfg.image_size):
             raise DataError(f"dataset item {s} is {x.shape[-1]}x{x.shape[-2]} but the config's image_size is "
                             f"{cfg.image_size}: build the dataset with size={cfg.image_size}")
-        v = torch.stack([x, x.flip(-1)], 1) if cfg.flip and bb.ae is not None else x[:, None]
-        if bb.ae is not None:   # in cache-sized sub-batches (see dermnb.core.CPU_BATCH)
-            v = torch.stack([torch.cat([bb.ae.encode_raw(b.to(bb.device)).float().cpu() for b in v[:, k].split(CPU_BATCH)])
-                             for k in range(v.shape[1])], 1)
-        xs.append(v); labels += [int(it.get('label', -1)) for it in items]
+        if images is None:
+            v = torch.stack([x, x.flip(-1)], 1) if cfg.flip and bb.ae is not None else x[:, None]
+            if bb.ae is not None:   # in cache-sized sub-batches (see dermnb.core.CPU_BATCH)
+                v = torch.stack([torch.cat([bb.ae.encode_raw(b.to(bb.device)).float().cpu() for b in v[:, k].split(CPU_BATCH)])
+                                 for k in range(v.shape[1])], 1)
+            xs.append(v)
+        labels += [int(it.get('label', -1)) for it in items]
         caps += [[str(c) for c in it['caption']] if isinstance(it.get('caption'), (list, tuple)) else [str(it.get('caption', ''))] for it in items]
+    if images is not None and len(images) != n: raise DataError(f"{len(images)} cached image latents for a dataset of {n} items")
     uniq = [''] + sorted({c for cs in caps for c in cs} - {''}); idx = {c: i for i, c in enumerate(uniq)}
     emb = None
     if cfg.cond == 'text':
@@ -221,9 +224,22 @@ def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)-
                          for i in tqdm(range(0, len(uniq), chunk), desc='encode captions', disable=not progress, leave=False)])
     K = max(len(cs) for cs in caps)                  # several captions per item: (N, K), an item's list repeated to K
     ci = torch.tensor([[idx[cs[k % len(cs)]] for k in range(K)] for cs in caps]) if K > 1 else torch.tensor([idx[cs[0]] for cs in caps])
-    return TrainData(torch.cat(xs), torch.tensor(labels), ci, emb)
+    return TrainData(torch.cat(xs) if images is None else images, torch.tensor(labels), ci, emb)
 
 # %% ../nbs/03a_training.ipynb #9ed349da
+def _read_latents_shared(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool, cache_root=None)->TrainData:
+    "`_read_data`, taking the raw latents from the `train-images` cache when the dataset names its pixels (`images_key`)."
+    ik = getattr(dataset, 'images_key', None)
+    if ik is None: return _read_data(dataset, bb, cfg, chunk, progress)
+    got = {}
+    def build(p):
+        got['r'] = _read_data(dataset, bb, cfg, chunk, progress)
+        save_checkpoint(p/'images.safetensors', {'x': got['r'].x}, {'n': len(got['r'].x)})
+    key = {'images': ik, **{k: getattr(cfg, k) for k in ('space', 'ae', 'image_size', 'flip')}}
+    x = load_checkpoint(cached_dir('train-images', key, build, root=cache_root)/'images.safetensors')[0]['x']
+    return got.get('r') or _read_data(dataset, bb, cfg, chunk, progress, images=x)
+
+# %% ../nbs/03a_training.ipynb #34f58b4a
 def prepare_data(dataset, # torch Dataset of dicts with 'image' (3,S,S) in [-1,1], 'label', 'caption'
                  bb:Backbone, # the backbone (its AE encodes; its text encoder embeds captions)
                  cfg:TrainConfig, # the config (image size, flips, conditioning)
@@ -239,7 +255,7 @@ def prepare_data(dataset, # torch Dataset of dicts with 'image' (3,S,S) in [-1,1
     if cache_key is None: d = _read_data(dataset, bb, cfg, chunk, progress)
     else:
         def build(p):
-            r = _read_data(dataset, bb, cfg, chunk, progress)
+            r = _read_latents_shared(dataset, bb, cfg, chunk, progress, cache_root)
             T = {'x': r.x, 'labels': r.labels, 'caption_idx': r.caption_idx, **({'text_emb': r.text_emb} if r.text_emb is not None else {})}
             save_checkpoint(p/'data.safetensors', T, {'n': len(r.x)})
         T, _ = load_checkpoint(cached_dir('train-data', cache_key, build, root=cache_root)/'data.safetensors')

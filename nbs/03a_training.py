@@ -293,8 +293,8 @@ class TrainData:
 # %%
 #| export
 @torch.no_grad()
-def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)->TrainData:
-    "Read every item once: check sizes; raw latents (both flips) or pixels; labels; caption embeddings."
+def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool, images:torch.Tensor|None=None)->TrainData:
+    "Read every item once: check sizes; raw latents (both flips) or pixels (`images` when given); labels; caption embeddings."
     n = len(dataset)
     xs, labels, caps = [], [], []
     for s in tqdm(range(0, n, chunk), desc='prepare data', disable=not progress, leave=False):
@@ -303,12 +303,15 @@ def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)-
         if x.shape[-2:] != (cfg.image_size, cfg.image_size):
             raise DataError(f"dataset item {s} is {x.shape[-1]}x{x.shape[-2]} but the config's image_size is "
                             f"{cfg.image_size}: build the dataset with size={cfg.image_size}")
-        v = torch.stack([x, x.flip(-1)], 1) if cfg.flip and bb.ae is not None else x[:, None]
-        if bb.ae is not None:   # in cache-sized sub-batches (see dermnb.core.CPU_BATCH)
-            v = torch.stack([torch.cat([bb.ae.encode_raw(b.to(bb.device)).float().cpu() for b in v[:, k].split(CPU_BATCH)])
-                             for k in range(v.shape[1])], 1)
-        xs.append(v); labels += [int(it.get('label', -1)) for it in items]
+        if images is None:
+            v = torch.stack([x, x.flip(-1)], 1) if cfg.flip and bb.ae is not None else x[:, None]
+            if bb.ae is not None:   # in cache-sized sub-batches (see dermnb.core.CPU_BATCH)
+                v = torch.stack([torch.cat([bb.ae.encode_raw(b.to(bb.device)).float().cpu() for b in v[:, k].split(CPU_BATCH)])
+                                 for k in range(v.shape[1])], 1)
+            xs.append(v)
+        labels += [int(it.get('label', -1)) for it in items]
         caps += [[str(c) for c in it['caption']] if isinstance(it.get('caption'), (list, tuple)) else [str(it.get('caption', ''))] for it in items]
+    if images is not None and len(images) != n: raise DataError(f"{len(images)} cached image latents for a dataset of {n} items")
     uniq = [''] + sorted({c for cs in caps for c in cs} - {''}); idx = {c: i for i, c in enumerate(uniq)}
     emb = None
     if cfg.cond == 'text':
@@ -316,7 +319,7 @@ def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)-
                          for i in tqdm(range(0, len(uniq), chunk), desc='encode captions', disable=not progress, leave=False)])
     K = max(len(cs) for cs in caps)                  # several captions per item: (N, K), an item's list repeated to K
     ci = torch.tensor([[idx[cs[k % len(cs)]] for k in range(K)] for cs in caps]) if K > 1 else torch.tensor([idx[cs[0]] for cs in caps])
-    return TrainData(torch.cat(xs), torch.tensor(labels), ci, emb)
+    return TrainData(torch.cat(xs) if images is None else images, torch.tensor(labels), ci, emb)
 
 
 # %% [markdown]
@@ -324,6 +327,26 @@ def _read_data(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool)-
 # same latent space needs the same latents. With a `cache_key` (which `train_cached` derives from the config's data
 # name, space, AE, size, flips and text encoder) the raw result is kept in the dermnb cache (`train-data/<hash>`).
 # The latent scaling is fitted afterwards, on the raw latents of the (unflipped) training images.
+#
+# Two runs that train on the same images with different captions (LesionGen's ablation: concept-rich against
+# label-only captions) have different data names but the same latents. A dataset that names its pixels truthfully in
+# an `images_key` attribute (for `DermDataset`s: `data.array_cache_key`) shares them: the raw latents are kept once
+# more under `train-images/<hash of images_key, space, AE, size, flips>`, and the second run only embeds its captions.
+
+# %%
+#| export
+def _read_latents_shared(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progress:bool, cache_root=None)->TrainData:
+    "`_read_data`, taking the raw latents from the `train-images` cache when the dataset names its pixels (`images_key`)."
+    ik = getattr(dataset, 'images_key', None)
+    if ik is None: return _read_data(dataset, bb, cfg, chunk, progress)
+    got = {}
+    def build(p):
+        got['r'] = _read_data(dataset, bb, cfg, chunk, progress)
+        save_checkpoint(p/'images.safetensors', {'x': got['r'].x}, {'n': len(got['r'].x)})
+    key = {'images': ik, **{k: getattr(cfg, k) for k in ('space', 'ae', 'image_size', 'flip')}}
+    x = load_checkpoint(cached_dir('train-images', key, build, root=cache_root)/'images.safetensors')[0]['x']
+    return got.get('r') or _read_data(dataset, bb, cfg, chunk, progress, images=x)
+
 
 # %%
 #| export
@@ -342,7 +365,7 @@ def prepare_data(dataset, # torch Dataset of dicts with 'image' (3,S,S) in [-1,1
     if cache_key is None: d = _read_data(dataset, bb, cfg, chunk, progress)
     else:
         def build(p):
-            r = _read_data(dataset, bb, cfg, chunk, progress)
+            r = _read_latents_shared(dataset, bb, cfg, chunk, progress, cache_root)
             T = {'x': r.x, 'labels': r.labels, 'caption_idx': r.caption_idx, **({'text_emb': r.text_emb} if r.text_emb is not None else {})}
             save_checkpoint(p/'data.safetensors', T, {'n': len(r.x)})
         T, _ = load_checkpoint(cached_dir('train-data', cache_key, build, root=cache_root)/'data.safetensors')
@@ -380,6 +403,22 @@ with tempfile.TemporaryDirectory() as root:
     d1 = prepare_data(ToyDataset(), bb, cc, cache_key={'data': 'toy'}, cache_root=root, progress=False)
     d2 = prepare_data(ToyDataset(n=12, seed=5), bb, cc, cache_key={'data': 'toy'}, cache_root=root, progress=False)
     test_eq(d2.x, d1.x); test_eq(d1.x, d.x)          # same key, the cached data (so the key must name the data truthfully)
+
+class _Captioned(ToyDataset):                           # the same pixels under other captions, naming them
+    images_key = 'toy-pixels'
+    def __init__(self, word, **kw): super().__init__(**kw); self.word = word
+    def __getitem__(self, i): return {**super().__getitem__(i), 'caption': f'{self.word} {i}'}
+with tempfile.TemporaryDirectory() as root:
+    ct = TrainConfig(space='latent', cond='text', image_size=16, channels=(32, 32), head_dim=16, batch_size=4)
+    bbt, _ = build_backbone(ct, 'cpu', lambda texts: torch.stack([torch.full((5, 12), len(t) / 10.) for t in texts]))
+    calls, enc = [], bbt.ae.encode_raw
+    bbt.ae.encode_raw = lambda x: calls.append(len(x)) or enc(x)
+    prep = lambda w, **kw: prepare_data(_Captioned(w, size=16), bbt, ct, fit_scaling=False, progress=False, **kw)
+    da = prep('a', cache_key={'data': 'toy-a'}, cache_root=root); n_a = len(calls)
+    db = prep('bbb', cache_key={'data': 'toy-b'}, cache_root=root)
+    test_eq(len(calls), n_a); assert n_a > 0            # the second caption set encoded no image
+    test_eq(db.x, da.x); test_ne(db.text_emb[1:], da.text_emb[1:])
+    test_eq(da.x, prep('a').x)                          # and the shared latents are the uncached ones
 
 
 # %% [markdown]

@@ -37,9 +37,9 @@ from tqdm.auto import tqdm
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from dermnb.core import (Config, DermnbError, DataError, cached_dir, get_profile, seed_everything, load_image, load_mask,
-                         save_json, atomic_save, atomic_write, channels_last, get_device, CPU_BATCH)
+                         save_json, atomic_save, atomic_write, channels_last, get_device, stable_hash, CPU_BATCH)
 from dermnb.pretrained import load_effnet_lite0
-from dermnb.data import Record, get_split, DermDataset, fit_square, LABELS
+from dermnb.data import Record, get_split, DermDataset, fit_square, LABELS, array_cache_key
 from dermnb.captions import (Phrase, caption_phrases, fit_caption, label_caption, lesion_morphology, size_bin, tone_bin,
                              with_article, diagnosis_phrase, CAPTION_MAX_TOKENS, _and)
 
@@ -62,6 +62,7 @@ ROOT = data_root()
 
 # %%
 #| export
+EXPERT_SOURCES = ('derm7pt', 'ph2')   # datasets whose experts rate the concepts
 CONCEPTS = {   # concept -> (phrase, Derm7pt rule, PH2 rule); a rule maps the dataset's value to 1/0
     'atypical_pigment_network': ('an atypical pigment network', lambda c: c.get('pigment_network') == 'atypical',
                                  lambda c: c.get('pigment_network') == 'atypical'),
@@ -175,7 +176,7 @@ test_close(lite0_features(x2), f8[:2], eps=1e-4)
 @dataclass(frozen=True)
 class ConceptClassifierConfig(Config):
     "What determines the concept classifier (hashed for the cache)."
-    datasets:tuple=('derm7pt', 'ph2')   # expert-annotated training data (their train splits)
+    datasets:tuple=EXPERT_SOURCES       # expert-annotated training data (their train splits)
     from_size:int=64                    # images pass through the generator's resolution
     size:int=128                        # Lite0 input side
     pca_dims:int=64                     # the standardised features are reduced to this many whitened components first
@@ -364,7 +365,7 @@ def caption_rows(records:Sequence[Record], # records to caption
         m, src = (load_mask(r.mask, size=img.size), 'ground truth') if r.mask is not None else (masks.get(r.id), 'U-Net')
         meas = lesion_morphology(img, m) if m is not None and m.any() else None
         if meas is None: src = 'none'
-        expert = r.source in ('derm7pt', 'ph2')
+        expert = r.source in EXPERT_SOURCES
         pred = [] if expert else [Phrase(CONCEPTS[k][0], 'concept', 'predicted', k, round(float(probs[k][i]), 3))
                                   for k in CONCEPTS if probs[k][i] >= clf.thresholds[k]['caption']]
         ph = caption_phrases(r, pred, meas)
@@ -451,13 +452,14 @@ CAPTION_KINDS = ('rich', 'label')
 def lesiongen_train_config(profile:str='quick', # run profile
                            captions:str='rich', # 'rich' (concept-rich, with provenance) or 'label' (label-only)
                            caption_cfg:CaptionConfig=CaptionConfig(), # the caption dataset
-                           seed:int=0 # seed of the adapter, data order and noise
+                           seed:int=0, # seed of the adapter, data order and noise
+                           expert_repeat:int=1 # times the expert-annotated images appear in the training set (`lora_rows`)
                           )->'TrainConfig':
     "The LoRA training config of LesionGen for a profile and a caption kind."
     from dermnb.training import TrainConfig
     from dermnb.base import base_config
     if captions not in CAPTION_KINDS: raise DermnbError(f"captions must be one of {CAPTION_KINDS}, not {captions!r}")
-    p = get_profile(profile); data = f'lesiongen-{captions}:{caption_cfg.hash()}:lora_rows300:squash'
+    p = get_profile(profile); data = f'lesiongen-{captions}:{caption_cfg.hash()}:lora_rows300{f"x{expert_repeat}expert" if expert_repeat != 1 else ""}:squash'
     if p.name == 'quick':
         return TrainConfig(data=data, space='latent', ae='taef2', image_size=p.image_size, cond='text', text_encoder='minilm',
                            base=f'cached:{base_config(profile, 0).hash()}', lora_rank=LORA_RANK, lora_alpha=LORA_RANK,
@@ -475,6 +477,8 @@ cfg_rich, cfg_label = lesiongen_train_config('quick', 'rich'), lesiongen_train_c
 test_eq({k for k, v in cfg_rich.to_dict().items() if v != cfg_label.to_dict()[k]}, {'data'})   # the ablation differs in the captions only
 assert cfg_rich.base == f"cached:{base_config('quick').hash()}" and cfg_rich.lora_rank == LORA_RANK
 test_fail(lambda: lesiongen_train_config('quick', 'gpt4o'), contains='rich')
+test_eq(lesiongen_train_config('quick', 'rich', expert_repeat=3).replace(data=cfg_rich.data), cfg_rich)   # only the data name changes
+assert 'x3expert' in lesiongen_train_config('quick', 'rich', expert_repeat=3).data
 
 
 # %% [markdown]
@@ -502,13 +506,17 @@ def lesiongen_dataset(rows:Sequence[dict], # caption dataset rows
     "A training dataset of the rows' images (squashed) with their rich (all wordings) or label-only captions."
     caps = {(r['source'], r['id']): (r['captions'] if captions == 'rich' else r['label_caption']) for r in rows}
     recs = caption_records(rows, root)
-    return DermDataset(recs, image_size, 'squash', caption_fn=lambda rec: caps[(rec.source, rec.id)], with_mask=False)
+    ds = DermDataset(recs, image_size, 'squash', caption_fn=lambda rec: caps[(rec.source, rec.id)], with_mask=False)
+    ds.images_key = stable_hash(array_cache_key(recs, image_size, 'squash', with_mask=False))   # both caption kinds share latents
+    return ds
 
 
 # %%
 few_ds = lesiongen_dataset(rows[:4], 'rich', 16, ROOT)
 it = few_ds[0]; test_eq(it['image'].shape, (3, 16, 16)); test_eq(it['caption'], rows[0]['captions'])
 test_eq(lesiongen_dataset(rows[:4], 'label', 16, ROOT)[0]['caption'], rows[0]['label_caption'])
+test_eq(lesiongen_dataset(rows[:4], 'label', 16, ROOT).images_key, few_ds.images_key)   # same pixels, same key (see prepare_data)
+test_ne(lesiongen_dataset(rows[:3], 'rich', 16, ROOT).images_key, few_ds.images_key)
 
 
 # %% [markdown]
@@ -521,19 +529,22 @@ test_eq(lesiongen_dataset(rows[:4], 'label', 16, ROOT)[0]['caption'], rows[0]['l
 #| export
 def lora_rows(rows:Sequence[dict], # caption dataset rows
               per_class:int=300, # ISIC 2019 images kept per diagnosis
-              seed:int=0 # which ones
+              seed:int=0, # which ones
+              expert_repeat:int=1 # how many times the expert-annotated rows (Derm7pt, PH2) appear
              )->list:
     "The caption rows LesionGen's LoRA trains on (expert datasets and ISIC 2018 in full, ISIC 2019 capped per class)."
     rng = np.random.default_rng(seed); keep = [r for r in rows if r['source'] != 'isic2019']
     for dx in sorted({r['diagnosis'] or '' for r in rows if r['source'] == 'isic2019'}):
         pool = [r for r in rows if r['source'] == 'isic2019' and (r['diagnosis'] or '') == dx]
         keep += [pool[i] for i in sorted(rng.permutation(len(pool))[:per_class])]
-    return keep
+    return keep + [r for r in keep if r['source'] in EXPERT_SOURCES] * (expert_repeat - 1)
 
 
 # %%
 lr_ = lora_rows([{'source': 'isic2019', 'diagnosis': 'nevus', 'id': str(i)} for i in range(10)] + [{'source': 'ph2', 'diagnosis': 'nevus', 'id': 'p'}], per_class=3)
 test_eq((len(lr_), sum(r['source'] == 'isic2019' for r in lr_)), (4, 3))
+lr3_ = lora_rows([{'source': 'isic2019', 'diagnosis': 'nevus', 'id': str(i)} for i in range(10)] + [{'source': 'ph2', 'diagnosis': 'nevus', 'id': 'p'}], per_class=3, expert_repeat=3)
+test_eq(lr3_[:4], lr_); test_eq([r['id'] for r in lr3_[4:]], ['p', 'p'])   # the expert row twice more, the rest unchanged
 
 
 # %% [markdown]
@@ -548,14 +559,15 @@ def load_lesiongen(profile:str='quick', # run profile
                    device:str='auto', # device
                    seed:int=0, # LoRA seed
                    caption_cfg:CaptionConfig=CaptionConfig(), # the caption dataset
-                   progress:bool=True # training progress bars
+                   progress:bool=True, # training progress bars
+                   expert_repeat:int=1 # times the expert-annotated images appear in the training set
                   ):
     "LesionGen's backbone (base + LoRA trained on the chosen captions), trained and cached on first use."
     from dermnb.training import train_cached, load_trained
     from dermnb.base import load_base_model
-    cfg = lesiongen_train_config(profile, captions, caption_cfg, seed)
+    cfg = lesiongen_train_config(profile, captions, caption_cfg, seed, expert_repeat)
     if cfg.base.startswith('cached:'): load_base_model(profile, root, 0, device, progress)     # the base must be in the cache
-    rows = lambda: lora_rows(caption_dataset(caption_cfg, root, device, progress))
+    rows = lambda: lora_rows(caption_dataset(caption_cfg, root, device, progress), expert_repeat=expert_repeat)
     path = train_cached(cfg, lambda: lesiongen_dataset(rows(), captions, cfg.image_size, root), device=device, progress=progress)
     bb = load_trained(path, device); bb.cache_dir = path
     return bb
@@ -908,6 +920,25 @@ def faithfulness_summary(faith:pd.DataFrame # `concept_faithfulness` rows with a
 # %%
 fs_ = faithfulness_summary(pd.concat([cf_.assign(captions='x', lift=.1, lift_se=.2)]))
 test_close(fs_.loc['x', 'lift'], .1); test_close(fs_.loc['x', 'lift_se'], .2 / np.sqrt(len(CONCEPTS)))
+
+
+# %% [markdown]
+# **Would the LoRA learn the concept words better if it saw the expert-annotated images more often?** The rare
+# criteria (streaks, blue-whitish veil, vessels) pass the caption threshold in few ISIC captions, so most of their
+# mentions come from Derm7pt and PH2, a quarter of the LoRA's training set. `benchmarks/lesiongen_faithfulness_variants.py`
+# trains both LoRAs of the ablation with those images three times over (`expert_repeat`, everything else equal) and
+# scores them with a sampling seed the figure does not use. Repetition lowers the rich LoRA's lift and raises the
+# label-only LoRA's, which never saw a concept word: concept words move a model through what its text encoder makes
+# of them, whether or not it was taught them, and the label-only model's lift is as large as the rich one's. On these
+# pairs the figure's LoRAs (repeat 1) differ by less than one standard error. Not adopted; the figure keeps repeat 1.
+
+# %%
+fv_ = results_csv('benchmarks/results/lesiongen_faithfulness_variants.csv')
+fvs_ = {r: faithfulness_summary(g) for r, g in fv_.groupby('expert_repeat')}
+assert fvs_[3].loc['rich', 'lift'] < fvs_[1].loc['rich', 'lift'] and fvs_[3].loc['label', 'lift'] > fvs_[1].loc['label', 'lift']
+assert fvs_[3].loc['label', 'lift'] > fvs_[3].loc['rich', 'lift']
+d_ = fvs_[1].loc['rich', 'lift'] - fvs_[1].loc['label', 'lift']; assert abs(d_) < np.hypot(*fvs_[1].lift_se)
+pd.concat(fvs_, names=['expert_repeat']).round(3)
 
 
 # %%
