@@ -921,7 +921,6 @@ def faithfulness_summary(faith:pd.DataFrame # `concept_faithfulness` rows with a
 fs_ = faithfulness_summary(pd.concat([cf_.assign(captions='x', lift=.1, lift_se=.2)]))
 test_close(fs_.loc['x', 'lift'], .1); test_close(fs_.loc['x', 'lift_se'], .2 / np.sqrt(len(CONCEPTS)))
 
-
 # %% [markdown]
 # **Would the LoRA learn the concept words better if it saw the expert-annotated images more often?** The rare
 # criteria (streaks, blue-whitish veil, vessels) pass the caption threshold in few ISIC captions, so most of their
