@@ -335,6 +335,7 @@ def lora_rows(rows:Sequence[dict], # caption dataset rows
               expert_repeat:int=1 # how many times the expert-annotated rows (Derm7pt, PH2) appear
              )->list:
     "The caption rows LesionGen's LoRA trains on (expert datasets and ISIC 2018 in full, ISIC 2019 capped per class)."
+    if expert_repeat < 1: raise DermnbError(f"expert_repeat must be at least 1, not {expert_repeat}")
     rng = np.random.default_rng(seed); keep = [r for r in rows if r['source'] != 'isic2019']
     for dx in sorted({r['diagnosis'] or '' for r in rows if r['source'] == 'isic2019'}):
         pool = [r for r in rows if r['source'] == 'isic2019' and (r['diagnosis'] or '') == dx]

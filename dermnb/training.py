@@ -237,7 +237,7 @@ def _read_latents_shared(dataset, bb:Backbone, cfg:TrainConfig, chunk:int, progr
         save_checkpoint(p/'images.safetensors', {'x': got['r'].x}, {'n': len(got['r'].x)})
     key = {'images': ik, **{k: getattr(cfg, k) for k in ('space', 'ae', 'image_size', 'flip')}}
     x = load_checkpoint(cached_dir('train-images', key, build, root=cache_root)/'images.safetensors')[0]['x']
-    return got.get('r') or _read_data(dataset, bb, cfg, chunk, progress, images=x)
+    return got['r'] if 'r' in got else _read_data(dataset, bb, cfg, chunk, progress, images=x)   # encoded once either way
 
 # %% ../nbs/03a_training.ipynb #34f58b4a
 def prepare_data(dataset, # torch Dataset of dicts with 'image' (3,S,S) in [-1,1], 'label', 'caption'

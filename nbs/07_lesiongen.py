@@ -533,6 +533,7 @@ def lora_rows(rows:Sequence[dict], # caption dataset rows
               expert_repeat:int=1 # how many times the expert-annotated rows (Derm7pt, PH2) appear
              )->list:
     "The caption rows LesionGen's LoRA trains on (expert datasets and ISIC 2018 in full, ISIC 2019 capped per class)."
+    if expert_repeat < 1: raise DermnbError(f"expert_repeat must be at least 1, not {expert_repeat}")
     rng = np.random.default_rng(seed); keep = [r for r in rows if r['source'] != 'isic2019']
     for dx in sorted({r['diagnosis'] or '' for r in rows if r['source'] == 'isic2019'}):
         pool = [r for r in rows if r['source'] == 'isic2019' and (r['diagnosis'] or '') == dx]
@@ -545,6 +546,7 @@ lr_ = lora_rows([{'source': 'isic2019', 'diagnosis': 'nevus', 'id': str(i)} for 
 test_eq((len(lr_), sum(r['source'] == 'isic2019' for r in lr_)), (4, 3))
 lr3_ = lora_rows([{'source': 'isic2019', 'diagnosis': 'nevus', 'id': str(i)} for i in range(10)] + [{'source': 'ph2', 'diagnosis': 'nevus', 'id': 'p'}], per_class=3, expert_repeat=3)
 test_eq(lr3_[:4], lr_); test_eq([r['id'] for r in lr3_[4:]], ['p', 'p'])   # the expert row twice more, the rest unchanged
+test_fail(lambda: lora_rows(lr_, expert_repeat=0), contains='at least 1')
 
 
 # %% [markdown]
@@ -928,8 +930,8 @@ test_close(fs_.loc['x', 'lift'], .1); test_close(fs_.loc['x', 'lift_se'], .2 / n
 # trains both LoRAs of the ablation with those images three times over (`expert_repeat`, everything else equal) and
 # scores them with a sampling seed the figure does not use. Repetition lowers the rich LoRA's lift and raises the
 # label-only LoRA's, which never saw a concept word: concept words move a model through what its text encoder makes
-# of them, whether or not it was taught them, and the label-only model's lift is as large as the rich one's. On these
-# pairs the figure's LoRAs (repeat 1) differ by less than one standard error. Not adopted; the figure keeps repeat 1.
+# of them, whether or not it was taught them. On these pairs the figure's LoRAs (repeat 1) differ by less than one
+# standard error. Not adopted; the figure keeps repeat 1.
 
 # %%
 fv_ = results_csv('benchmarks/results/lesiongen_faithfulness_variants.csv')
