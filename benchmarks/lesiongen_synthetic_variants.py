@@ -7,7 +7,7 @@ keep the synthetic images that a classifier fitted on the arm's own real images 
 class (class-balanced, the most confident first). Prints validation and test balanced accuracy per arm (mean, std
 over seeds); test is reported for the record, the choice is made on validation. Pools are kept in `--pool-dir`.
 
-    DERMNB_DATA=../shared/dermdata python benchmarks/lesiongen_synthetic_variants.py [--runs 600:4 600:2 1200:4] [--pool-dir DIR]
+    DERMNB_DATA=../shared/dermdata python benchmarks/lesiongen_synthetic_variants.py [--runs 600:4 600:2 1200:4 600:6 600:8] [--pool-dir DIR]
 """
 import argparse, time
 from pathlib import Path
@@ -21,7 +21,7 @@ from dermnb.training import train_cached, load_trained
 from _results import save_results
 
 ap = argparse.ArgumentParser()
-ap.add_argument('--runs', nargs='+', default=['600:4', '600:2', '1200:4'], help='LoRA steps:guidance pairs')
+ap.add_argument('--runs', nargs='+', default=['600:4', '600:2', '1200:4', '600:6', '600:8'], help='LoRA steps:guidance pairs')
 ap.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
 ap.add_argument('--n', type=int, default=600)
 ap.add_argument('--pool-dir', default=None)
