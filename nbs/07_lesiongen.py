@@ -507,7 +507,7 @@ def lesiongen_dataset(rows:Sequence[dict], # caption dataset rows
     caps = {(r['source'], r['id']): (r['captions'] if captions == 'rich' else r['label_caption']) for r in rows}
     recs = caption_records(rows, root)
     ds = DermDataset(recs, image_size, 'squash', caption_fn=lambda rec: caps[(rec.source, rec.id)], with_mask=False)
-    ds.images_key = stable_hash(array_cache_key(recs, image_size, 'squash', with_mask=False))   # both caption kinds share latents
+    ds.images_key = stable_hash(array_cache_key(ds.records, ds.size, ds.fit, False, ds.draft))   # its pixels: both caption kinds share latents
     return ds
 
 

@@ -511,6 +511,7 @@ ra_ = results_csv('benchmarks/results/skindualgen_synthetic_ratio.csv').groupby(
 assert ra_.loc[3, 'mean'] < ra_.loc[1, 'mean'] <= 0 and abs(ra_.loc[1, 'mean']) < ra_.loc[1, 'std']
 ra_.round(4)
 
+
 # %%
 #| export
 @torch.no_grad()
